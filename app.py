@@ -1,0 +1,75 @@
+"""The app factory: `gunicorn 'app:create_app()'` serves it; `flask --app app …` runs its commands."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+import structlog
+from flask import Flask, Response, g, request
+
+from b24scribe.db import Database
+from b24scribe.logging import configure_logging
+from b24scribe.metrics import Metrics
+from b24scribe.settings import Settings, SettingsError, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app around one Settings object (read from the environment if not given)."""
+    if settings is None:
+        try:
+            settings = load_settings()
+        except SettingsError as error:
+            # One line naming the variable, then stop: a misconfigured service must not start.
+            print(f"b24scribe: configuration error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["b24scribe.settings"] = settings
+    app.extensions["b24scribe.db"] = Database(settings.database_url)
+    app.extensions["b24scribe.metrics"] = Metrics()
+    register_request_context(app)
+    register_blueprints(app)
+    register_error_handlers(app)
+    register_commands(app)
+    return app
+
+
+def register_request_context(app: Flask) -> None:
+    """Bind a request id to every log line of the request."""
+
+    @app.before_request
+    def bind_request_id() -> None:
+        structlog.contextvars.clear_contextvars()
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+    @app.after_request
+    def echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
+
+def register_blueprints(app: Flask) -> None:
+    """Hooks, admin API, health."""
+    from handlers import admin, health, hooks
+
+    app.register_blueprint(hooks.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(health.bp)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """One JSON error shape for everything."""
+    from handlers.errors import register_error_handlers as register
+
+    register(app)
+
+
+def register_commands(app: Flask) -> None:
+    """`flask worker`, `flask db upgrade`, `flask jobs …`, `flask calls …`."""
+    from handlers.commands import register
+
+    register(app)

@@ -1,0 +1,104 @@
+"""What the admin API and the status page show about a call, its transcripts and jobs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from b24scribe.models import Call, Job, TranscriptPart
+
+
+def iso(timestamp: float | None) -> str | None:
+    """Unix seconds as ISO-8601 UTC."""
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def find_by_pbx(session: Session, pbx: str, pbx_call_id: str) -> Call | None:
+    """The call a PBX reported under this id."""
+    return session.scalars(select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)).one_or_none()
+
+
+def find_by_b24(session: Session, b24_call_id: str) -> Call | None:
+    """The call Bitrix24 knows under this CALL_ID."""
+    return session.scalars(select(Call).where(Call.b24_call_id == b24_call_id).order_by(Call.id).limit(1)).first()
+
+
+def describe_job(job: Job, with_request: bool = False) -> dict[str, Any]:
+    """A job as the admin API shows it."""
+    shown: dict[str, Any] = {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "attempts": job.attempts,
+        "next_attempt_at": iso(job.next_attempt_at) if job.state in ("pending", "waiting") else None,
+        "last_error": job.last_error,
+        "call": job.call_id,
+        "result": job.result,
+    }
+    if with_request:
+        shown["request"] = job.request
+    return shown
+
+
+def _transcript_state(part: TranscriptPart, call: Call, attach_error: str | None) -> tuple[str, str | None]:
+    if part.status == "failed":
+        return "failed", part.failure_reason
+    if part.status == "fetching":
+        return "fetching", None
+    if part.delivery_state in ("delivered", "empty"):
+        return part.delivery_state, None
+    if call.stage != "finished":
+        needed = "registered and finished" if call.stage == "new" else "finished"
+        return "waiting", f"waiting for the PBX to report the call so it can be {needed} in Bitrix24"
+    return "pending", attach_error
+
+
+def describe_call(session: Session, call: Call) -> dict[str, Any]:
+    """A call's whole state: Bitrix24 CALL_ID, stage, transcripts and their delivery, jobs."""
+    jobs = list(session.scalars(select(Job).where(Job.call_id == call.id).order_by(Job.id)))
+    parts = list(
+        session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id).order_by(TranscriptPart.id))
+    )
+    open_attach = next((j for j in reversed(jobs) if j.kind == "attach" and j.state != "done"), None)
+    transcripts = []
+    for part in parts:
+        state, reason = _transcript_state(part, call, open_attach.last_error if open_attach else None)
+        transcripts.append(
+            {
+                "id": part.id,
+                "vendor": part.vendor,
+                "vendor_job_id": part.vendor_job_id,
+                "channel": part.channel_slot,
+                "received_at": iso(part.received_at),
+                "segments": len(part.segments or []),
+                "state": state,
+                "reason": reason,
+                "transcript_id": part.b24_transcript_id,
+                "delivered_at": iso(part.delivered_at),
+            }
+        )
+    return {
+        "id": call.id,
+        "pbx": call.pbx,
+        "pbx_call_id": call.pbx_call_id,
+        "b24_call_id": call.b24_call_id,
+        "portal": call.portal,
+        "external": call.external,
+        "stage": call.stage,
+        "registered": call.stage in ("registered", "finished"),
+        "finished": call.stage == "finished",
+        "direction": call.direction,
+        "from": call.from_number,
+        "to": call.to_number,
+        "extension": call.extension,
+        "user_id": call.user_id,
+        "started_at": call.started_at,
+        "duration": call.duration,
+        "status": call.status,
+        "last_error": call.last_error,
+        "transcripts": transcripts,
+        "jobs": [describe_job(job, with_request=True) for job in jobs],
+    }

@@ -1,0 +1,287 @@
+"""Storing what the hooks receive: the event, its call, its transcript and its jobs, in ONE transaction.
+
+Nothing is acknowledged before the commit (SPEC 5); a duplicate delivery finds the stored event
+through the unique dedupe key and creates no second job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from b24scribe import outbox
+from b24scribe.db import Database
+from b24scribe.models import Call, InboundEvent, TranscriptPart
+from b24scribe.settings import Settings
+from b24scribe.transcript import CallReference, Direction, Segment, VendorResult
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """The request as received, minus credentials: what is kept for replay."""
+
+    source: str  # pbx | stt
+    provider: str
+    body: bytes
+    query: dict[str, str]
+    content_type: str | None
+    delivery_id: str | None = None  # Standard Webhooks webhook-id, when signed that way
+
+    def dedupe_key(self, natural_key: str | None) -> str:
+        """The vendor's delivery id, else its natural key (job id), else the body's hash."""
+        if self.delivery_id:
+            return f"delivery:{self.delivery_id}"[:200]
+        if natural_key:
+            return f"key:{natural_key}"[:200]
+        return "sha256:" + hashlib.sha256(self.body).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the hook answers: the event id, whether it was a duplicate, and a stored rejection."""
+
+    event_id: int
+    duplicate: bool
+    rejected_with: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """One PBX call life-cycle event in our own terms (SPEC 3.1)."""
+
+    event: str  # started | answered | finished
+    call_id: str
+    direction: Direction | None = None
+    from_number: str | None = None
+    to_number: str | None = None
+    extension: str | None = None
+    user_id: int | None = None
+    started_at: str | None = None
+    duration: int | None = None
+    status: str | None = None
+    recording_url: str | None = None
+    line: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptOptions:
+    """Per-URL options of a transcript callback (SPEC 6.3)."""
+
+    channel_slot: int | None = None
+    side_overrides: dict[str, str] = field(default_factory=dict)
+    direction: Direction | None = None
+
+
+def _insert_event(
+    session: Session, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None, now: float
+) -> int | None:
+    values = {
+        "source": raw.source,
+        "provider": raw.provider,
+        "dedupe_key": key,
+        "received_at": now,
+        "content_type": raw.content_type,
+        "query": raw.query,
+        "body": raw.body,
+        "state": state,
+        "error": error,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(InboundEvent)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["source", "provider", "dedupe_key"])
+        .returning(InboundEvent.id)
+    )
+    return session.execute(statement).scalar_one_or_none()
+
+
+def _existing(session: Session, raw: RawEvent, key: str) -> Outcome:
+    stored = session.scalars(
+        select(InboundEvent).where(
+            InboundEvent.source == raw.source, InboundEvent.provider == raw.provider, InboundEvent.dedupe_key == key
+        )
+    ).one()
+    return Outcome(stored.id, True, stored.error if stored.state == "rejected" else None)
+
+
+def store_rejected(db: Database, raw: RawEvent, error: dict[str, Any], natural_key: str | None = None) -> Outcome:
+    """Keep an authenticated but unprocessable event so it can be replayed after a fix."""
+    key = raw.dedupe_key(natural_key)
+    with db.write() as session:
+        event_id = _insert_event(session, raw, key, "rejected", error, time.time())
+        if event_id is None:
+            return _existing(session, raw, key)
+    return Outcome(event_id, False, error)
+
+
+def _find_or_create_call(session: Session, settings: Settings, pbx: str, pbx_call_id: str, now: float) -> Call:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(Call)
+        .values(
+            portal=settings.portal,
+            pbx=pbx,
+            pbx_call_id=pbx_call_id,
+            stage="new",
+            external=False,
+            answered=False,
+            finish_reported=False,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["pbx", "pbx_call_id"])
+    )
+    return session.scalars(select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)).one()
+
+
+def _find_or_create_external_call(
+    session: Session, settings: Settings, b24_call_id: str, direction: Direction | None, now: float
+) -> Call:
+    call = session.scalars(select(Call).where(Call.b24_call_id == b24_call_id).order_by(Call.id).limit(1)).first()
+    if call is None:
+        # Registered by something else: we assume it is (or will be) finished there, and let
+        # "Is it finished?" answers retry until it is.
+        call = Call(
+            portal=settings.portal,
+            b24_call_id=b24_call_id,
+            external=True,
+            stage="finished",
+            direction=(direction or Direction.INBOUND).value,
+            answered=False,
+            finish_reported=True,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(call)
+        session.flush()
+    return call
+
+
+def merge_call_event(call: Call, event: CallEvent, now: float) -> None:
+    """Fold an event into the call: later non-empty values win, nothing known is erased."""
+    for attribute, value in (
+        ("direction", event.direction.value if event.direction else None),
+        ("from_number", event.from_number),
+        ("to_number", event.to_number),
+        ("extension", event.extension),
+        ("user_id", event.user_id),
+        ("started_at", event.started_at),
+        ("line", event.line),
+        ("recording_url", event.recording_url),
+    ):
+        if value not in (None, ""):
+            setattr(call, attribute, value)
+    if event.event == "answered":
+        call.answered = True
+    if event.event == "finished":
+        call.finish_reported = True
+        if event.duration is not None:
+            call.duration = event.duration
+        if event.status:
+            call.status = event.status
+            call.answered = call.answered or event.status == "answered"
+    call.updated_at = now
+
+
+def accept_call_event(db: Database, settings: Settings, raw: RawEvent, event: CallEvent) -> Outcome:
+    """Store a PBX event, fold it into its call and make sure register (and finish) are queued."""
+    key = raw.dedupe_key(None)
+    now = time.time()
+    with db.write() as session:
+        event_id = _insert_event(session, raw, key, "accepted", None, now)
+        if event_id is None:
+            return _existing(session, raw, key)
+        call = _find_or_create_call(session, settings, raw.provider, event.call_id, now)
+        session.get_one(InboundEvent, event_id).call_id = call.id
+        merge_call_event(call, event, now)
+        if call.stage == "new" and outbox.open_job(session, call.id, "register") is None:
+            outbox.enqueue(session, "register", call_id=call.id, event_id=event_id, portal=call.portal, now=now)
+        if call.finish_reported and call.stage != "finished" and outbox.open_job(session, call.id, "finish") is None:
+            outbox.enqueue(
+                session,
+                "finish",
+                call_id=call.id,
+                event_id=event_id,
+                portal=call.portal,
+                waiting=call.stage != "registered",
+                now=now,
+            )
+    return Outcome(event_id, False)
+
+
+def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
+    """Compact JSON rows for storage: [start, end, text, channel, speaker, side, glue]."""
+    return [[s.start, s.end, s.text, s.channel, s.speaker, s.side.value if s.side else None, s.glue] for s in segments]
+
+
+def accept_transcript(
+    db: Database,
+    settings: Settings,
+    raw: RawEvent,
+    result: VendorResult,
+    reference: CallReference,
+    options: TranscriptOptions,
+) -> Outcome:
+    """Store a transcript callback for its call and queue its attach (or its fetch)."""
+    natural_key = f"{result.vendor_job_id}:{options.channel_slot}" if result.vendor_job_id else None
+    if natural_key and result.status == "fetch":
+        natural_key += ":fetch"
+    key = raw.dedupe_key(natural_key)
+    if raw.delivery_id is None and natural_key is None:
+        # "the same body for the same call": the hash alone would merge two calls' identical bodies
+        key = f"{key}:{reference.pbx or ''}:{reference.pbx_call_id or ''}:{reference.b24_call_id or ''}"[:200]
+    now = time.time()
+    with db.write() as session:
+        event_id = _insert_event(session, raw, key, "accepted", None, now)
+        if event_id is None:
+            return _existing(session, raw, key)
+        if reference.b24_call_id:
+            call = _find_or_create_external_call(session, settings, reference.b24_call_id, options.direction, now)
+        else:
+            assert reference.pbx and reference.pbx_call_id  # the view checked it
+            call = _find_or_create_call(session, settings, reference.pbx, reference.pbx_call_id, now)
+        session.get_one(InboundEvent, event_id).call_id = call.id
+        transcript = result.transcript
+        part = TranscriptPart(
+            call_id=call.id,
+            event_id=event_id,
+            vendor=raw.provider,
+            vendor_job_id=result.vendor_job_id,
+            status={"completed": "completed", "failed": "failed", "fetch": "fetching"}[result.status],
+            failure_reason=result.failure_reason,
+            channel_slot=options.channel_slot,
+            granularity=transcript.granularity if transcript else "segment",
+            segments=serialize_segments(transcript.segments) if transcript else None,
+            cost=transcript.cost if transcript else None,
+            cost_currency=transcript.cost_currency if transcript else None,
+            side_overrides=dict(options.side_overrides),
+            received_at=now,
+            delivery_state="failed" if result.status == "failed" else "queued",
+        )
+        session.add(part)
+        session.flush()
+        if result.status == "fetch":
+            outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
+        elif result.status == "completed":
+            queue_attach(session, call, event_id, now)
+    return Outcome(event_id, False)
+
+
+def queue_attach(session: Session, call: Call, event_id: int | None, now: float) -> None:
+    """Make sure one attach job will send the call's whole transcript (it reads every part)."""
+    # A leased job may already have read the parts: only a job not yet started can take this one.
+    if outbox.open_job(session, call.id, "attach", states=("waiting", "pending")) is not None:
+        return
+    ready = call.stage == "finished"
+    outbox.enqueue(
+        session, "attach", call_id=call.id, event_id=event_id, portal=call.portal, waiting=not ready, now=now
+    )

@@ -1,0 +1,185 @@
+"""SQLAlchemy models: inbound events, calls, transcripts, the outbox, the ledger, pacing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class InboundEvent(Base):
+    """Every authenticated request a hook received, raw body kept for replay."""
+
+    __tablename__ = "inbound_event"
+    __table_args__ = (UniqueConstraint("source", "provider", "dedupe_key", name="uq_inbound_event_dedupe"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source: Mapped[str] = mapped_column(String(8))  # pbx | stt
+    provider: Mapped[str] = mapped_column(String(32))  # generic, asterisk, deepgram, …
+    dedupe_key: Mapped[str] = mapped_column(String(200))
+    received_at: Mapped[float] = mapped_column(Float)
+    content_type: Mapped[str | None] = mapped_column(String(200))
+    query: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # without the token
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16))  # accepted | rejected
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    call_id: Mapped[int | None] = mapped_column(ForeignKey("call.id"), index=True)
+
+
+class Call(Base):
+    """A phone call as the PBX reported it and as far as Bitrix24 has been told about it."""
+
+    __tablename__ = "call"
+    __table_args__ = (UniqueConstraint("pbx", "pbx_call_id", name="uq_call_pbx_call"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    portal: Mapped[str] = mapped_column(String(200))
+    pbx: Mapped[str | None] = mapped_column(String(32))
+    pbx_call_id: Mapped[str | None] = mapped_column(String(128))
+    b24_call_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    # registered by something else: we only attach transcripts (?b24_call_id=)
+    external: Mapped[bool] = mapped_column(Boolean, default=False)
+    direction: Mapped[str | None] = mapped_column(String(16))
+    from_number: Mapped[str | None] = mapped_column(String(64))
+    to_number: Mapped[str | None] = mapped_column(String(64))
+    extension: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    line: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[str | None] = mapped_column(String(40))  # ISO-8601 with offset, as sent
+    answered: Mapped[bool] = mapped_column(Boolean, default=False)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str | None] = mapped_column(String(16))
+    recording_url: Mapped[str | None] = mapped_column(Text)
+    finish_reported: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Bitrix24 side: new → registered → finished
+    stage: Mapped[str] = mapped_column(String(16), default="new")
+    registered_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class TranscriptPart(Base):
+    """One vendor result for a call: a whole transcript, or one channel of it (`?channel=`)."""
+
+    __tablename__ = "transcript"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    call_id: Mapped[int | None] = mapped_column(ForeignKey("call.id"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("inbound_event.id"), index=True)
+    vendor: Mapped[str] = mapped_column(String(32))
+    vendor_job_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))  # completed | failed | fetching
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    channel_slot: Mapped[int | None] = mapped_column(Integer)  # None: the whole call
+    granularity: Mapped[str] = mapped_column(String(8), default="segment")
+    # [[start, end, text, channel, speaker, side, glue], …]
+    segments: Mapped[list[Any] | None] = mapped_column(JSON)
+    cost: Mapped[float | None] = mapped_column(Float)
+    cost_currency: Mapped[str | None] = mapped_column(String(50))
+    side_overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[float] = mapped_column(Float)
+    # queued | delivered | failed (the vendor's job failed) | empty (no speech)
+    delivery_state: Mapped[str] = mapped_column(String(16))
+    b24_transcript_id: Mapped[int | None] = mapped_column(BigInteger)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Job(Base):
+    """The outbox: one unit of work towards Bitrix24 (or a vendor fetch), claimed with a lease."""
+
+    __tablename__ = "job"
+    __table_args__ = (
+        Index("ix_job_due", "state", "next_attempt_at"),
+        Index("ix_job_call_kind", "call_id", "kind", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # register | finish | attach | fetch
+    call_id: Mapped[int | None] = mapped_column(ForeignKey("call.id"))
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_event.id"))
+    transcript_id: Mapped[int | None] = mapped_column(ForeignKey("transcript.id"))
+    portal: Mapped[str | None] = mapped_column(String(200))  # None: not paced (vendor fetch)
+    # waiting (blocked on its call) | pending | leased | done | dead
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    # the last attempt's request went out and no answer came back: look before resending
+    ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what was (or would be) sent
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AttachLedger(Base):
+    """Transcripts Bitrix24 confirmed: checked before every attempt so none is attached twice."""
+
+    __tablename__ = "attach_ledger"
+    __table_args__ = (UniqueConstraint("portal", "b24_call_id", "sha256", name="uq_attach_ledger_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    portal: Mapped[str] = mapped_column(String(200))
+    b24_call_id: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    b24_transcript_id: Mapped[int | None] = mapped_column(BigInteger)
+    possible_duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    attached_at: Mapped[float] = mapped_column(Float)
+
+
+class PortalPacing(Base):
+    """A portal's token bucket and its one-request-in-flight lease, shared by all workers."""
+
+    __tablename__ = "portal_pacing"
+
+    portal: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    refilled_at: Mapped[float] = mapped_column(Float)
+    paused_until: Mapped[float] = mapped_column(Float, default=0.0)
+    pause_reason: Mapped[str | None] = mapped_column(String(200))
+    inflight_owner: Mapped[str | None] = mapped_column(String(100))
+    inflight_expires_at: Mapped[float | None] = mapped_column(Float)
+
+
+class WorkerHeartbeat(Base):
+    """Each running worker process, for /readyz."""
+
+    __tablename__ = "worker_heartbeat"
+
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    seen_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float)

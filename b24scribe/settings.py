@@ -1,0 +1,158 @@
+"""One settings object, read once from `B24SCRIBE_*` variables (and `.env`), checked at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from b24scribe.transcript import Role
+
+PREFIX = "B24SCRIBE_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Typed settings with safe embedded defaults (SPEC 2)."""
+
+    database_url: str = "sqlite:///instance/b24scribe.sqlite3"
+    bitrix24_webhook_url: str | None = None
+    bitrix24_timeout: float = 20.0
+    inbound_token: str | None = None
+    webhook_secret: str | None = None
+    admin_token: str | None = None
+    default_user_id: int | None = None
+    channel0: Role = Role.CALLER
+    first_speaker: Role = Role.CALLEE
+    crm_create: bool = False
+    max_body_bytes: int = 20 * 1024 * 1024
+    rate_per_second: float = 2.0
+    rate_burst: int = 45
+    lease_seconds: float = 60.0
+    orphan_after_seconds: float = 24 * 3600.0
+    worker_poll_seconds: float = 1.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # per-vendor keys, API base URLs and other secrets: B24SCRIBE_<VENDOR>_<NAME>, read lazily
+    vendor: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dry_run(self) -> bool:
+        """True when no Bitrix24 portal is configured: jobs are recorded, nothing is sent."""
+        return self.bitrix24_webhook_url is None
+
+    @property
+    def portal(self) -> str:
+        """The key pacing and the ledger use for the configured portal: its host name."""
+        if self.bitrix24_webhook_url is None:
+            return "dry-run"
+        return urlsplit(self.bitrix24_webhook_url).netloc
+
+    def vendor_setting(self, vendor: str, name: str) -> str | None:
+        """A per-vendor setting such as B24SCRIBE_ASSEMBLYAI_API_KEY."""
+        return self.vendor.get(f"{vendor.upper()}_{name.upper()}")
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (tests use this)."""
+        return replace(self, **changes)
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise SettingsError(f"{PREFIX}{name}: expected true or false, got {raw!r}")
+
+
+def _parse_number(name: str, raw: str, kind: type[int] | type[float], minimum: float) -> Any:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}: expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _parse_role(name: str, raw: str) -> Role:
+    try:
+        return Role(raw.strip().lower())
+    except ValueError:
+        allowed = ", ".join(r.value for r in Role)
+        raise SettingsError(f"{PREFIX}{name}: expected one of {allowed}, got {raw!r}") from None
+
+
+def _parse_webhook_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in {"http", "https"} or not parts.netloc or "/rest/" not in parts.path + "/":
+        # never echo the URL: it carries the webhook's secret code
+        raise SettingsError(
+            f"{PREFIX}{name}: expected the portal's incoming-webhook URL, like https://acme.bitrix24.com/rest/1/abc123/"
+        )
+    return raw.strip().rstrip("/") + "/"
+
+
+_TOP_LEVEL = {f.name.upper() for f in fields(Settings)} - {"VENDOR"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True) -> Settings:
+    """Read settings from the environment (and `.env` in the working directory)."""
+    if environ is None:
+        if dotenv and Path(".env").is_file():
+            from dotenv import load_dotenv
+
+            load_dotenv(".env", override=False)
+        environ = os.environ
+    raw = {k[len(PREFIX) :]: v for k, v in environ.items() if k.startswith(PREFIX)}
+    values: dict[str, Any] = {}
+
+    def text(name: str) -> str | None:
+        value = raw.get(name)
+        return value if value not in (None, "") else None
+
+    if (url := text("DATABASE_URL")) is not None:
+        values["database_url"] = url
+    if (url := text("BITRIX24_WEBHOOK_URL")) is not None:
+        values["bitrix24_webhook_url"] = _parse_webhook_url("BITRIX24_WEBHOOK_URL", url)
+    for name in ("INBOUND_TOKEN", "WEBHOOK_SECRET", "ADMIN_TOKEN"):
+        if (secret := text(name)) is not None:
+            values[name.lower()] = secret
+    if (secret := values.get("webhook_secret")) and not secret.startswith("whsec_"):
+        raise SettingsError(f"{PREFIX}WEBHOOK_SECRET: expected a Standard Webhooks secret starting with whsec_")
+    numbers: dict[str, tuple[type[int] | type[float], float]] = {
+        "BITRIX24_TIMEOUT": (float, 0.1),
+        "DEFAULT_USER_ID": (int, 1),
+        "MAX_BODY_BYTES": (int, 1024),
+        "RATE_PER_SECOND": (float, 0.01),
+        "RATE_BURST": (int, 1),
+        "LEASE_SECONDS": (float, 1.0),
+        "ORPHAN_AFTER_SECONDS": (float, 1.0),
+        "WORKER_POLL_SECONDS": (float, 0.01),
+    }
+    for name, (kind, minimum) in numbers.items():
+        if (value := text(name)) is not None:
+            values[name.lower()] = _parse_number(name, value, kind, minimum)
+    for name in ("CHANNEL0", "FIRST_SPEAKER"):
+        if (value := text(name)) is not None:
+            values[name.lower()] = _parse_role(name, value)
+    if (value := text("CRM_CREATE")) is not None:
+        values["crm_create"] = _parse_bool("CRM_CREATE", value)
+    if (value := text("LOG_LEVEL")) is not None:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(f"{PREFIX}LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        values["log_level"] = value.upper()
+    if (value := text("LOG_FORMAT")) is not None:
+        if value not in {"json", "console"}:
+            raise SettingsError(f"{PREFIX}LOG_FORMAT: expected json or console, got {value!r}")
+        values["log_format"] = value
+    values["vendor"] = {k: v for k, v in raw.items() if k not in _TOP_LEVEL and v != ""}
+    return Settings(**values)

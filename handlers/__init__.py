@@ -1,0 +1,1 @@
+"""Flask blueprints: thin views that read the request, call the core and map the outcome."""

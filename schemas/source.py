@@ -1,0 +1,50 @@
+"""What a source adapter is: the shape every vendor module exports as `VENDOR`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from b24scribe.transcript import VendorResult
+
+# parse(raw_body, query) -> VendorResult; raises marshmallow.ValidationError naming each bad field.
+Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSpec:
+    """How to fetch a finished transcript from a vendor whose callback carries only an id.
+
+    `path` is formatted with `{id}` and appended to the vendor API base URL
+    (`B24SCRIBE_<VENDOR>_API_URL`, default `default_api_url`); `headers(api_key)` gives the
+    request headers; `parse` turns the fetched body into a VendorResult.
+    """
+
+    default_api_url: str
+    path: str
+    headers: Callable[[str], dict[str, str]]
+    parse: Parser
+
+
+@dataclass(frozen=True, slots=True)
+class SttVendor:
+    """One speech-to-text vendor: how its callback is read and, if needed, fetched."""
+
+    name: str
+    parse: Parser
+    fetch: FetchSpec | None = None
+    # Header carrying the vendor's own shared-secret auth, compared to B24SCRIBE_INBOUND_TOKEN
+    # (e.g. AssemblyAI's webhook_auth_header_name); bearer/?token=/Basic are always accepted.
+    auth_header: str | None = None
+
+
+def load_json(raw_body: bytes) -> object:
+    """Decode a JSON body, or raise a ValidationError that says so (a 422, not a 500)."""
+    import json
+
+    from marshmallow import ValidationError
+
+    try:
+        return json.loads(raw_body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError({"_body": [f"not valid JSON: {exc}"]}) from None
