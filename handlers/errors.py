@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from flask import Flask, Response, jsonify
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 
@@ -27,6 +29,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(error: ApiError) -> tuple[Response, int]:
         return error_response(error.status, error.code, error.message, error.fields)
+
+    @app.errorhandler(SQLAlchemyError)
+    def handle_storage_error(error: SQLAlchemyError) -> tuple[Response, int]:
+        # Fails closed: nothing was acknowledged, so the sender retries (SPEC 5).
+        structlog.get_logger(__name__).error("storage failed", error=type(error).__name__)
+        return error_response(503, "storage_unavailable", "the service could not store the request; retry later")
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> tuple[Response, int]:

@@ -1,0 +1,231 @@
+"""The transcript hook's contract (SPEC 4, 5): who gets in, what is stored, what each status means."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select, text
+
+from app import create_app
+from b24scribe.db import Database
+from b24scribe.models import InboundEvent, Job, TranscriptPart
+from b24scribe.settings import Settings
+from tests.conftest import INBOUND_TOKEN, auth, sign_standard_webhook
+
+TRANSCRIPT = {
+    "segments": [
+        {"start": 0.4, "end": 2.9, "text": "Good afternoon, Acme support", "channel": 0},
+        {"start": 3.2, "end": 6.0, "text": "Hello, I have a question", "channel": 1},
+    ],
+    "cost": 0.12,
+    "cost_currency": "USD",
+}
+URL = "/hooks/stt/generic?b24_call_id=externalCall.abc.1"
+
+
+def count(db: Database, model: Any) -> int:
+    with db.read() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+@pytest.fixture
+def database(app: Flask) -> Database:
+    db: Database = app.extensions["b24scribe.db"]
+    return db
+
+
+class TestAuthentication:
+    def test_a_request_without_credentials_is_refused_and_nothing_is_stored(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        response = client.post(URL, json=TRANSCRIPT)
+        assert response.status_code == 401
+        assert response.json is not None
+        assert response.json["error"]["code"] == "unauthenticated"
+        assert count(database, InboundEvent) == 0
+
+    def test_a_wrong_token_is_refused(self, client: FlaskClient, database: Database) -> None:
+        response = client.post(URL, json=TRANSCRIPT, headers=auth("not-the-token"))
+        assert response.status_code == 401
+        assert INBOUND_TOKEN not in response.get_data(as_text=True)
+        assert count(database, InboundEvent) == 0
+
+    @pytest.mark.parametrize(
+        "how",
+        ["bearer", "query", "basic"],
+    )
+    def test_the_inbound_token_is_accepted_as_bearer_query_or_basic_password(
+        self, client: FlaskClient, how: str
+    ) -> None:
+        headers: dict[str, str] = {}
+        url = URL
+        if how == "bearer":
+            headers = auth()
+        elif how == "query":
+            url += f"&token={INBOUND_TOKEN}"
+        else:
+            headers = {"Authorization": "Basic " + base64.b64encode(f"deepgram:{INBOUND_TOKEN}".encode()).decode()}
+        assert client.post(url, json=TRANSCRIPT, headers=headers).status_code == 202
+
+    def test_the_token_is_not_kept_with_the_stored_query(self, client: FlaskClient, database: Database) -> None:
+        client.post(URL + f"&token={INBOUND_TOKEN}", json=TRANSCRIPT)
+        with database.read() as session:
+            event = session.scalars(select(InboundEvent)).one()
+            assert event.query == {"b24_call_id": "externalCall.abc.1"}
+
+    def test_hooks_are_disabled_with_a_clear_503_when_no_token_is_configured(
+        self, settings: Settings, db: Database
+    ) -> None:
+        client = create_app(settings.with_overrides(inbound_token=None, webhook_secret=None)).test_client()
+        response = client.post(URL, json=TRANSCRIPT, headers=auth())
+        assert response.status_code == 503
+        assert response.json is not None
+        assert "B24SCRIBE_INBOUND_TOKEN" in response.json["error"]["message"]
+        assert count(db, InboundEvent) == 0
+
+    def test_a_standard_webhooks_signature_authenticates(self, client: FlaskClient) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        headers = {"Content-Type": "application/json", **sign_standard_webhook(body)}
+        assert client.post(URL, data=body, headers=headers).status_code == 202
+
+    def test_a_signature_over_other_bytes_is_refused(self, client: FlaskClient, database: Database) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        headers = {"Content-Type": "application/json", **sign_standard_webhook(body)}
+        tampered = body.replace(b"Hello", b"Howdy")
+        response = client.post(URL, data=tampered, headers=headers)
+        assert response.status_code == 401
+        assert response.json is not None
+        assert response.json["error"]["code"] == "bad_signature"
+        assert count(database, InboundEvent) == 0
+
+    def test_a_signature_older_than_five_minutes_is_refused(self, client: FlaskClient) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        headers = {"Content-Type": "application/json", **sign_standard_webhook(body, timestamp=time.time() - 400)}
+        assert client.post(URL, data=body, headers=headers).status_code == 401
+
+
+class TestStorage:
+    def test_an_accepted_transcript_is_stored_with_its_raw_body_and_one_job(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        response = client.post(URL, data=body, headers={**auth(), "Content-Type": "application/json"})
+        assert response.status_code == 202
+        assert response.json is not None
+        assert response.json["duplicate"] is False
+        with database.read() as session:
+            event = session.get_one(InboundEvent, response.json["event_id"])
+            assert event.body == body
+            assert event.state == "accepted"
+            jobs = list(session.scalars(select(Job)))
+            assert [(job.kind, job.state) for job in jobs] == [("attach", "pending")]
+
+    def test_the_same_body_for_the_same_call_is_a_duplicate_with_no_second_job(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        first = client.post(URL, json=TRANSCRIPT, headers=auth())
+        second = client.post(URL, json=TRANSCRIPT, headers=auth())
+        assert first.status_code == 202
+        assert second.status_code == 200
+        assert second.json == {"event_id": first.json["event_id"], "duplicate": True}  # type: ignore[index]
+        assert count(database, Job) == 1
+        assert count(database, TranscriptPart) == 1
+
+    def test_the_same_body_for_another_call_is_not_a_duplicate(self, client: FlaskClient, database: Database) -> None:
+        client.post(URL, json=TRANSCRIPT, headers=auth())
+        other = client.post("/hooks/stt/generic?b24_call_id=externalCall.other.2", json=TRANSCRIPT, headers=auth())
+        assert other.status_code == 202
+        assert count(database, Job) == 2
+
+    def test_a_redelivery_with_the_same_standard_webhooks_id_is_a_duplicate(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        headers = {"Content-Type": "application/json", **sign_standard_webhook(body, msg_id="msg_1")}
+        assert client.post(URL, data=body, headers=headers).status_code == 202
+        again = {"Content-Type": "application/json", **sign_standard_webhook(body, msg_id="msg_1")}
+        assert client.post(URL, data=body, headers=again).status_code == 200
+        assert count(database, Job) == 1
+
+    def test_a_body_over_the_limit_is_413(self, settings: Settings, db: Database) -> None:
+        client = create_app(settings.with_overrides(max_body_bytes=2048)).test_client()
+        big = {"segments": [{"start": 0, "end": 1, "text": "x" * 4000, "side": "User"}]}
+        response = client.post(URL, json=big, headers=auth())
+        assert response.status_code == 413
+        assert response.json is not None
+        assert response.json["error"]["code"] == "body_too_large"
+        assert count(db, InboundEvent) == 0
+
+    def test_a_database_that_cannot_store_answers_503_so_the_sender_retries(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        with database.write() as session:
+            session.execute(text("DROP TABLE job"))
+        response = client.post(URL, json=TRANSCRIPT, headers=auth())
+        assert response.status_code == 503
+        assert response.json is not None
+        assert response.json["error"]["code"] == "storage_unavailable"
+
+
+def post_invalid(client: FlaskClient, body: Any, url: str = URL) -> dict[str, Any]:
+    response = client.post(url, json=body, headers=auth())
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.json is not None
+    error: dict[str, Any] = response.json["error"]
+    assert error["code"] == "invalid_payload"
+    return error
+
+
+class TestValidation:
+    def test_an_empty_segments_list_names_the_field(self, client: FlaskClient) -> None:
+        error = post_invalid(client, {"segments": []})
+        assert "segments" in error["fields"]
+
+    def test_a_segment_ending_before_it_starts_names_the_field(self, client: FlaskClient) -> None:
+        error = post_invalid(client, {"segments": [{"start": 5, "end": 2, "text": "hi", "channel": 0}]})
+        assert "end" in error["fields"]["segments"]["0"]
+
+    def test_an_unknown_side_names_the_allowed_values(self, client: FlaskClient) -> None:
+        error = post_invalid(client, {"segments": [{"start": 0, "end": 2, "text": "hi", "side": "agent"}]})
+        message = " ".join(error["fields"]["segments"]["0"]["side"])
+        assert "User" in message and "Client" in message
+
+    def test_a_mono_transcript_without_speakers_is_refused_with_advice(self, client: FlaskClient) -> None:
+        error = post_invalid(client, {"segments": [{"start": 0, "end": 2, "text": "hi"}]})
+        message = " ".join(error["fields"]["segments"])
+        assert "channel" in message and "diariz" in message
+
+    def test_a_body_that_is_not_json_is_422(self, client: FlaskClient) -> None:
+        response = client.post(URL, data=b"{nope", headers={**auth(), "Content-Type": "application/json"})
+        assert response.status_code == 422
+
+    def test_a_transcript_that_names_no_call_is_422(self, client: FlaskClient) -> None:
+        error = post_invalid(client, TRANSCRIPT, url="/hooks/stt/generic")
+        assert "call" in error["fields"]
+
+    def test_url_and_payload_naming_different_calls_is_422(self, client: FlaskClient) -> None:
+        error = post_invalid(client, {**TRANSCRIPT, "b24_call_id": "externalCall.other.9"})
+        assert "b24_call_id" in error["fields"]
+
+    def test_a_bad_per_url_option_names_the_allowed_values(self, client: FlaskClient) -> None:
+        error = post_invalid(client, TRANSCRIPT, url=URL + "&channel0=agent")
+        assert "caller" in " ".join(error["fields"]["channel0"])
+
+    def test_an_unprocessable_payload_is_kept_as_a_rejected_event_for_replay(
+        self, client: FlaskClient, database: Database
+    ) -> None:
+        error = post_invalid(client, {"segments": []})
+        with database.read() as session:
+            event = session.get_one(InboundEvent, error["fields"]["event_id"])
+            assert event.state == "rejected"
+            assert event.body == json.dumps({"segments": []}).encode()
+        assert count(database, Job) == 0
+
+    def test_an_unknown_vendor_is_404(self, client: FlaskClient) -> None:
+        assert client.post("/hooks/stt/nosuchvendor", json=TRANSCRIPT, headers=auth()).status_code == 404
