@@ -48,7 +48,7 @@ def _transcript_state(part: TranscriptPart, call: Call, attach_error: str | None
         return "failed", part.failure_reason
     if part.status == "fetching":
         return "fetching", None
-    if part.delivery_state in ("delivered", "empty"):
+    if part.delivery_state in ("delivered", "empty", "dry-run"):
         return part.delivery_state, None
     if call.stage != "finished":
         needed = "registered and finished" if call.stage == "new" else "finished"
@@ -99,6 +99,7 @@ def describe_call(session: Session, call: Call) -> dict[str, Any]:
         "duration": call.duration,
         "status": call.status,
         "last_error": call.last_error,
+        "note": call.note,
         "transcripts": transcripts,
         "jobs": [describe_job(job, with_request=True) for job in jobs],
     }

@@ -297,7 +297,7 @@ class Deliverer:
             now = time.time()
             row = session.get_one(Call, call_id)
             row.user_id = default_user
-            row.last_error = f"extension {row.extension!r} matches no Bitrix24 user; using B24SCRIBE_DEFAULT_USER_ID"
+            row.note = f"extension {row.extension!r} matches no Bitrix24 user; used B24SCRIBE_DEFAULT_USER_ID"
             outbox.defer(session, job, claim, now, error.description, now)
 
         self._record(claim, apply)
@@ -458,7 +458,9 @@ class Deliverer:
                 update(TranscriptPart)
                 .where(TranscriptPart.id.in_(chosen_ids))
                 .values(
-                    delivery_state="empty" if note else "delivered", b24_transcript_id=transcript_id, delivered_at=now
+                    delivery_state="empty" if note else "dry-run" if dry_run else "delivered",
+                    b24_transcript_id=transcript_id,
+                    delivered_at=now,
                 )
             )
             job.request = {"method": "telephony.call.attachTranscription", "params": params}

@@ -88,6 +88,8 @@ class Call(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # a decision the service took for this call that the admin should know about
+    note: Mapped[str | None] = mapped_column(Text)
 
 
 class TranscriptPart(Base):
@@ -110,7 +112,7 @@ class TranscriptPart(Base):
     cost_currency: Mapped[str | None] = mapped_column(String(50))
     side_overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[float] = mapped_column(Float)
-    # queued | delivered | failed (the vendor's job failed) | empty (no speech)
+    # queued | delivered | dry-run | failed (the vendor's job failed) | empty (no speech)
     delivery_state: Mapped[str] = mapped_column(String(16))
     b24_transcript_id: Mapped[int | None] = mapped_column(BigInteger)
     delivered_at: Mapped[float | None] = mapped_column(Float)

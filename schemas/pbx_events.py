@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,9 @@ from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_lo
 from b24scribe.ingest import CallEvent
 from b24scribe.transcript import Direction
 
+UNIX_SECONDS = re.compile(r"\d{9,11}(\.\d+)?")  # Asterisk ${CDR(start,u)}: 1700000000.123456
+# Asterisk peers as ${DIALEDPEERNUMBER} may give them: "PJSIP/101", "101@from-internal", "Local/101-0001"
+PEER_EXTENSION = re.compile(r"^(?:[A-Za-z]+/)?([^@/;-]+)")
 EVENTS = ("call.started", "call.answered", "call.finished")
 STATUSES = ("answered", "busy", "no-answer", "failed", "cancelled")
 # Asterisk's ${DIALSTATUS} and ${CDR(disposition)} values, as the dialplan snippet may send them.
@@ -38,10 +42,8 @@ class StartedAt(fields.Field[str]):
     }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        if (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            or (isinstance(value, str) and value.isdigit())
+        if (isinstance(value, int | float) and not isinstance(value, bool)) or (
+            isinstance(value, str) and UNIX_SECONDS.fullmatch(value.strip())
         ):
             return datetime.fromtimestamp(float(value), UTC).isoformat(timespec="seconds")
         if not isinstance(value, str):
@@ -117,6 +119,8 @@ class AsteriskCallEventSchema(GenericCallEventSchema):
         if "duration" in cleaned:
             with contextlib.suppress(ValueError):  # the Integer field reports it
                 cleaned["duration"] = int(float(cleaned["duration"]))
+        if "extension" in cleaned and (match := PEER_EXTENSION.match(cleaned["extension"])):
+            cleaned["extension"] = match.group(1)
         if "event" in cleaned and not cleaned["event"].startswith("call."):
             cleaned["event"] = "call." + cleaned["event"]
         return cleaned

@@ -136,12 +136,8 @@ def test_stereo_channels_map_through_channel0_and_the_call_direction(
 
 
 def test_by_default_channel0_is_the_caller_the_client_of_an_inbound_call() -> None:
-    assert said(translate(seg(0, 1, "I have a question", channel=0))) == [
-        ("Client", "I have a question")
-    ]
-    assert said(translate(seg(0, 1, "Calling about", channel=0), rules=OUTBOUND)) == [
-        ("User", "Calling about")
-    ]
+    assert said(translate(seg(0, 1, "I have a question", channel=0))) == [("Client", "I have a question")]
+    assert said(translate(seg(0, 1, "Calling about", channel=0), rules=OUTBOUND)) == [("User", "Calling about")]
 
 
 def test_channels_beyond_one_map_like_channel_modulo_two() -> None:
@@ -174,9 +170,7 @@ def test_the_first_speaker_heard_is_the_callee_who_answers_an_inbound_call() -> 
 
 
 def test_on_an_outbound_call_the_first_speaker_is_the_client_who_answers() -> None:
-    messages = translate(
-        seg(0, 2, "Hello?", speaker="0"), seg(2, 4, "Hi, Acme here", speaker="1"), rules=OUTBOUND
-    )
+    messages = translate(seg(0, 2, "Hello?", speaker="0"), seg(2, 4, "Hi, Acme here", speaker="1"), rules=OUTBOUND)
 
     assert said(messages) == [("Client", "Hello?"), ("User", "Hi, Acme here")]
 
@@ -189,9 +183,7 @@ def test_first_speaker_can_be_overridden(first_speaker: Role, first_side: str) -
     rules = SideRules(first_speaker=first_speaker)
     other_side = "User" if first_side == "Client" else "Client"
 
-    messages = translate(
-        seg(0, 1, "first", speaker="S1"), seg(1, 2, "second", speaker="S2"), rules=rules
-    )
+    messages = translate(seg(0, 1, "first", speaker="S1"), seg(1, 2, "second", speaker="S2"), rules=rules)
 
     assert said(messages) == [(first_side, "first"), (other_side, "second")]
 
@@ -246,9 +238,7 @@ def test_undecided_segments_in_a_row_take_turns() -> None:
 
 
 def test_an_undecided_speaker_opening_the_call_is_on_the_first_speakers_side() -> None:
-    messages = translate(
-        seg(0, 1, "Hello?", speaker=UNDECIDED_SPEAKER), seg(1, 2, "Hi", speaker="1"), rules=OUTBOUND
-    )
+    messages = translate(seg(0, 1, "Hello?", speaker=UNDECIDED_SPEAKER), seg(1, 2, "Hi", speaker="1"), rules=OUTBOUND)
 
     assert said(messages) == [("Client", "Hello?"), ("Client", "Hi")]
 
@@ -336,9 +326,7 @@ def test_punctuation_attaches_to_the_previous_word_without_a_space() -> None:
 
 
 def test_late_stamped_punctuation_stays_with_its_word() -> None:
-    messages = translate_words(
-        word(0.0, 0.5, "Done", channel=0), word(3.0, 3.0, ".", channel=0, glue=True)
-    )
+    messages = translate_words(word(0.0, 0.5, "Done", channel=0), word(3.0, 3.0, ".", channel=0, glue=True))
 
     assert said(messages) == [("Client", "Done.")]
     assert times(messages) == [(0, 3)]
@@ -455,9 +443,7 @@ def test_pieces_of_a_split_message_stay_in_time_order_with_the_other_side() -> N
     text = " ".join(["monologue"] * 12_000)  # 119,999 bytes: two pieces, the second from ~50 s
     messages = translate(seg(0.0, 100.0, text, channel=1), seg(30.0, 31.0, "Sure", channel=0))
 
-    assert [
-        (side, start) for (side, _), (start, _) in zip(said(messages), times(messages), strict=True)
-    ] == [
+    assert [(side, start) for (side, _), (start, _) in zip(said(messages), times(messages), strict=True)] == [
         ("User", 0),
         ("Client", 30),
         ("User", 50),
@@ -465,9 +451,7 @@ def test_pieces_of_a_split_message_stay_in_time_order_with_the_other_side() -> N
 
 
 def test_a_word_level_monologue_over_the_limit_is_split_too() -> None:
-    words = [
-        word(index * 0.5, index * 0.5 + 0.4, "blah", side=Side.CLIENT) for index in range(14_000)
-    ]
+    words = [word(index * 0.5, index * 0.5 + 0.4, "blah", side=Side.CLIENT) for index in range(14_000)]
 
     messages = translate_words(*words)
 
@@ -492,12 +476,8 @@ def test_attach_params_carry_the_call_the_messages_and_the_cost() -> None:
     assert ATTACH_TRANSCRIPTION_SCHEMA.validate(params) == {}
 
 
-@pytest.mark.parametrize(
-    ("cost", "currency"), [(None, None), (0, "USD"), (0.0, None), (None, "EUR")]
-)
-def test_a_zero_or_missing_cost_is_not_sent_since_bitrix_ignores_it(
-    cost: float | None, currency: str | None
-) -> None:
+@pytest.mark.parametrize(("cost", "currency"), [(None, None), (0, "USD"), (0.0, None), (None, "EUR")])
+def test_a_zero_or_missing_cost_is_not_sent_since_bitrix_ignores_it(cost: float | None, currency: str | None) -> None:
     transcript = Transcript([seg(0, 1, "Hi", channel=0)], cost=cost, cost_currency=currency)
 
     assert set(attach_params("c1", transcript, INBOUND)) == {"CALL_ID", "MESSAGES"}
@@ -530,9 +510,7 @@ VALID = {"SIDE": "User", "START_TIME": 0, "STOP_TIME": 1, "MESSAGE": "Hi"}
         ({"CONFIDENCE": 0.9}, "CONFIDENCE"),  # extra keys would break Bitrix24's insert
     ],
 )
-def test_the_message_schema_rejects_what_bitrix_or_our_rules_reject(
-    change: dict[str, object], field: str
-) -> None:
+def test_the_message_schema_rejects_what_bitrix_or_our_rules_reject(change: dict[str, object], field: str) -> None:
     assert field in MESSAGE_SCHEMA.validate({**VALID, **change})
 
 
@@ -556,9 +534,7 @@ any_text = st.one_of(
 any_label = st.one_of(
     st.fixed_dictionaries({"side": st.sampled_from(Side)}),
     st.fixed_dictionaries({"channel": st.integers(min_value=0, max_value=5)}),
-    st.fixed_dictionaries(
-        {"speaker": st.sampled_from(["A", "B", "C", "spk_0", UNDECIDED_SPEAKER])}
-    ),
+    st.fixed_dictionaries({"speaker": st.sampled_from(["A", "B", "C", "spk_0", UNDECIDED_SPEAKER])}),
     st.fixed_dictionaries(
         {"channel": st.integers(min_value=0, max_value=1), "speaker": st.sampled_from(["A", "?"])},
         optional={"side": st.sampled_from(Side)},
@@ -604,9 +580,7 @@ def non_space_characters(texts: list[str]) -> list[str]:
 
 
 @given(any_transcript, any_rules)
-def test_any_attributable_transcript_becomes_valid_messages(
-    transcript: Transcript, rules: SideRules
-) -> None:
+def test_any_attributable_transcript_becomes_valid_messages(transcript: Transcript, rules: SideRules) -> None:
     check_attributable(transcript)
 
     messages = build_messages(transcript, rules)
@@ -619,9 +593,7 @@ def test_any_attributable_transcript_becomes_valid_messages(
 
 
 @given(any_transcript, any_rules)
-def test_no_message_starts_earlier_than_the_one_before_it(
-    transcript: Transcript, rules: SideRules
-) -> None:
+def test_no_message_starts_earlier_than_the_one_before_it(transcript: Transcript, rules: SideRules) -> None:
     starts = [draft[0] for draft in bitrix24._drafts(transcript, rules)]
 
     assert all(earlier <= later for earlier, later in zip(starts, starts[1:], strict=False))
@@ -658,9 +630,7 @@ def test_any_oversized_text_splits_into_valid_pieces(
     if word_level:
         transcript = Transcript([Segment(start, end, text, channel=0)], granularity="word")
     else:
-        transcript = Transcript(
-            [Segment(start, end, text, channel=0), Segment(start, end, "x", channel=1)]
-        )
+        transcript = Transcript([Segment(start, end, text, channel=0), Segment(start, end, "x", channel=1)])
 
     messages = build_messages(transcript, SideRules())
 
@@ -672,9 +642,7 @@ def test_any_oversized_text_splits_into_valid_pieces(
 
 
 @given(st.lists(any_segment, min_size=1, max_size=10), st.integers(min_value=0), st.text())
-def test_any_unlabelled_spoken_segment_is_refused(
-    segments: list[Segment], position: int, text: str
-) -> None:
+def test_any_unlabelled_spoken_segment_is_refused(segments: list[Segment], position: int, text: str) -> None:
     unlabelled = Segment(0.0, 1.0, text + " spoken")
     segments.insert(position % (len(segments) + 1), unlabelled)
 

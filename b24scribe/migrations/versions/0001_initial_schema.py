@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 15:31:07.006644
+Create Date: 2026-11-25 15:37:46.406011
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def upgrade() -> None:
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.Column('updated_at', sa.Float(), nullable=False),
     sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('note', sa.Text(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_call')),
     sa.UniqueConstraint('pbx', 'pbx_call_id', name='uq_call_pbx_call')
     )
