@@ -53,12 +53,15 @@ def register_request_context(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """Hooks, admin API, health."""
-    from handlers import admin, health, hooks
+    """Hooks, admin API, health and metrics (all in the OpenAPI document), and the status page."""
+    from handlers import admin, health, hooks, status_page
+    from handlers.openapi import init_api
 
-    app.register_blueprint(hooks.bp)
-    app.register_blueprint(admin.bp)
-    app.register_blueprint(health.bp)
+    api = init_api(app)
+    api.register_blueprint(hooks.bp)
+    api.register_blueprint(admin.bp)
+    api.register_blueprint(health.bp)
+    app.register_blueprint(status_page.bp)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -69,7 +72,8 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def register_commands(app: Flask) -> None:
-    """`flask worker`, `flask db upgrade`, `flask jobs …`, `flask calls …`."""
+    """`flask worker`, `flask check`, `flask db upgrade`, `flask jobs …`, `flask calls …`, `flask events …`
+    (and flask-smorest's `flask openapi write openapi.json`)."""
     from handlers.commands import register
 
     register(app)

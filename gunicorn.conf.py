@@ -1,10 +1,11 @@
 """gunicorn settings for the `web` process (the Procfile and the benchmarks use this file)."""
 
 import os
+from typing import Any
 
 from gunicorn.glogging import Logger
 
-from b24scribe.logging import redact
+from b24scribe.logging import build_formatter, redact
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104
 # Threads let one process's concurrent requests share a database commit (group commit).
@@ -15,18 +16,53 @@ timeout = 30
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-" if os.environ.get("B24SCRIBE_ACCESS_LOG", "1") == "1" else None
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
+# Never preload: prometheus_client must see PROMETHEUS_MULTIPROC_DIR (set in on_starting) before
+# the app imports it, and database connections must not be shared across the fork.
+preload_app = False
+
+_SECRET_HEADERS = ("authorization", "cookie", "x-twilio-signature", "webhook-signature")
 
 
 class RedactingLogger(Logger):
-    """The access log without `?token=` values (SPEC 4)."""
+    """gunicorn's logs as JSON lines like the app's, and the access log without `?token=` values (SPEC 4)."""
+
+    def setup(self, cfg):  # type: ignore[no-untyped-def]
+        super().setup(cfg)
+        formatter = build_formatter(os.environ.get("B24SCRIBE_LOG_FORMAT", "json"))
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(formatter)
 
     def atoms(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
-        atoms = super().atoms(resp, req, environ, request_time)
-        for key in ("r", "U", "q"):
-            if key in atoms and isinstance(atoms[key], str):
-                atoms[key] = redact(atoms[key])
+        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
+        for key, value in atoms.items():
+            if any(name in key for name in _SECRET_HEADERS):
+                atoms[key] = "***"
+            elif isinstance(value, str):
+                atoms[key] = redact(value)
         return atoms
 
 
 logger_class = RedactingLogger
+
+
+def on_starting(server: Any) -> None:
+    """Give all web processes (and the worker, which derives the same path) one metrics directory."""
+    from b24scribe import metrics
+    from b24scribe.settings import SettingsError, load_settings
+
+    try:
+        database_url = load_settings().database_url
+    except SettingsError:
+        return  # the app reports it, with the variable's name, when a worker boots
+    path = metrics.prepare_multiprocess_dir(database_url)
+    removed = metrics.remove_dead_process_files(path)
+    server.log.info(f"prometheus multiprocess directory {path} ({removed} stale files removed)")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A web process ended: drop its live gauges from the merged metrics."""
+    from b24scribe import metrics
+
+    metrics.mark_process_dead(worker.pid)

@@ -43,7 +43,7 @@ def describe_job(job: Job, with_request: bool = False) -> dict[str, Any]:
     return shown
 
 
-def _transcript_state(part: TranscriptPart, call: Call, attach_error: str | None) -> tuple[str, str | None]:
+def _transcript_state(part: TranscriptPart, call: Call, open_attach: Job | None) -> tuple[str, str | None]:
     if part.status == "failed":
         return "failed", part.failure_reason
     if part.status == "fetching":
@@ -53,7 +53,9 @@ def _transcript_state(part: TranscriptPart, call: Call, attach_error: str | None
     if call.stage != "finished":
         needed = "registered and finished" if call.stage == "new" else "finished"
         return "waiting", f"waiting for the PBX to report the call so it can be {needed} in Bitrix24"
-    return "pending", attach_error
+    if open_attach is not None and open_attach.state == "dead":
+        return "failed", open_attach.last_error  # given up: replay the job once the cause is fixed
+    return "pending", open_attach.last_error if open_attach else None
 
 
 def describe_call(session: Session, call: Call) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def describe_call(session: Session, call: Call) -> dict[str, Any]:
     open_attach = next((j for j in reversed(jobs) if j.kind == "attach" and j.state != "done"), None)
     transcripts = []
     for part in parts:
-        state, reason = _transcript_state(part, call, open_attach.last_error if open_attach else None)
+        state, reason = _transcript_state(part, call, open_attach)
         transcripts.append(
             {
                 "id": part.id,

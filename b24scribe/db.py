@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
@@ -42,10 +46,78 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
-class Database:
-    """The service's database: `write()` for transactions that change data, `read()` for views."""
+T = TypeVar("T")
 
-    def __init__(self, url: str) -> None:
+
+class GroupCommitter:
+    """Runs concurrent requests' write transactions as one commit, each answered only after it.
+
+    With synchronous=FULL every SQLite commit waits for an fsync; threads of one web process that
+    arrive while a commit is in progress queue up and share the next one. Each request runs in its
+    own SAVEPOINT, so one request's failure rolls back only its own writes. Fails closed: if the
+    shared commit fails, every request in the batch gets the error (nothing acknowledged).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], max_batch: int = 64) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in the next shared transaction and return its result after the commit."""
+        self._ensure_thread()
+        future: Future[T] = Future()
+        self._queue.put((work, future))
+        return future.result()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._commit_loop, name="group-commit", daemon=True)
+                self._thread.start()
+
+    def _commit_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._sessions() as session, session.begin():
+                for work, future in batch:
+                    try:
+                        with session.begin_nested():
+                            outcomes.append((future, work(session), None))
+                    except Exception as error:  # this request only: its savepoint is rolled back
+                        outcomes.append((future, None, error))
+        except Exception as error:
+            for _work, future in batch:
+                future.set_exception(error)
+            return
+        for future, result, failure in outcomes:
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(result)
+
+
+class Database:
+    """The service's database: `write()` for transactions that change data, `read()` for views,
+    `transact()` for the hooks' short write transactions (group-committed on SQLite)."""
+
+    def __init__(self, url: str, group_commit: bool | None = None) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
@@ -58,6 +130,15 @@ class Database:
             self.read_engine = self.write_engine
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        use_group_commit = self.is_sqlite if group_commit is None else group_commit
+        self._committer = GroupCommitter(self._write_sessions) if use_group_commit else None
+
+    def transact(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a write transaction and return its result once it is committed."""
+        if self._committer is not None:
+            return self._committer.run(work)
+        with self.write() as session:
+            return work(session)
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -21,8 +21,9 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from b24scribe import outbox, ratelimit
+from b24scribe import metrics, outbox, ratelimit
 from b24scribe.bitrix24 import (
+    AmbiguousError,
     Bitrix24Client,
     Bitrix24Error,
     OperationLimitError,
@@ -34,8 +35,9 @@ from b24scribe.bitrix24 import (
 )
 from b24scribe.db import Database
 from b24scribe.ingest import queue_attach, serialize_segments
-from b24scribe.models import AttachLedger, Call, Job, TranscriptPart
+from b24scribe.models import AttachLedger, Call, InboundEvent, Job, TranscriptPart
 from b24scribe.outbox import Claim
+from b24scribe.ratelimit import Pace
 from b24scribe.settings import Settings
 from b24scribe.transcript import Direction, Role, Segment, Side, Transcript
 from schemas.bitrix24 import SideRules, attach_params
@@ -175,25 +177,34 @@ def transcript_digest(params: dict[str, Any]) -> str:
 
 @dataclass
 class Deliverer:
-    """Runs claimed jobs against one portal (or records them, in dry-run)."""
+    """Runs claimed jobs against their portals (or records them, in dry-run)."""
 
     db: Database
     settings: Settings
-    client: Bitrix24Client | None
+    clients: dict[str, Bitrix24Client]
     http: requests.Session
+    # requests sent so far for the job each claim owner (one per worker thread) is running
+    _sent: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_settings(cls, db: Database, settings: Settings) -> Deliverer:
-        """A deliverer with a client for the configured portal (none in dry-run)."""
+        """A deliverer with a client per configured portal (none in dry-run)."""
         http = requests.Session()
-        client = None
-        if settings.bitrix24_webhook_url is not None:
-            client = Bitrix24Client(settings.bitrix24_webhook_url, settings.bitrix24_timeout, http)
-        return cls(db, settings, client, http)
+        clients = {
+            portal: Bitrix24Client(url, settings.bitrix24_timeout, http)
+            for portal, url in settings.portal_urls().items()
+        }
+        return cls(db, settings, clients, http)
+
+    @property
+    def dry_run(self) -> bool:
+        """Nothing is sent: no portal is configured."""
+        return not self.clients
 
     def run(self, claim: Claim) -> None:
         """Execute one claimed job and record its outcome."""
         structlog.contextvars.bind_contextvars(job_id=claim.job_id, job_kind=claim.kind)
+        self._sent[claim.owner] = 0
         try:
             {"register": self._register, "finish": self._finish, "attach": self._attach, "fetch": self._fetch}[
                 claim.kind
@@ -213,6 +224,7 @@ class Deliverer:
                 raise LeaseLost()
             apply(session, job)
             job.updated_at = now
+        metrics.job_ran(claim.kind, job.state)
 
     def _load(self, claim: Claim) -> tuple[Job, Call | None]:
         with self.db.read() as session:
@@ -222,11 +234,43 @@ class Deliverer:
         structlog.contextvars.bind_contextvars(call_id=job.call_id)
         return job, call
 
-    def _send(self, method: str, params: dict[str, Any]) -> Response | None:
-        """Send, or in dry-run return None (the request is recorded by the caller)."""
-        if self.client is None:
+    def _send(self, claim: Claim, method: str, params: dict[str, Any]) -> Response | None:
+        """Send to the job's portal, or in dry-run return None (the caller records the request)."""
+        if self.dry_run:
             return None
-        return self.client.call(method, params)
+        client = self.clients.get(claim.portal or "")
+        if client is None:
+            raise PermanentError(f"portal {claim.portal!r} is not configured (B24SCRIBE_BITRIX24_PORTALS)")
+        if claim.portal is not None and self._sent.get(claim.owner, 0) > 0:
+            self._wait_for_token(claim.portal)  # the claim paid for the first request only
+        if not self._lease_holds(claim):
+            raise LeaseLost()
+        self._sent[claim.owner] = self._sent.get(claim.owner, 0) + 1
+        with metrics.bitrix24_request(method):
+            return client.call(method, params)
+
+    def _lease_holds(self, claim: Claim) -> bool:
+        """Fencing, fails closed: send only while our lease has a margin left, so a worker that
+        stalled past its lease cannot send behind the back of the job's next owner (whose look-up
+        then comes at least the margin after our request)."""
+        with self.db.read() as session:
+            expires = session.scalar(
+                select(Job.lease_expires_at).where(
+                    Job.id == claim.job_id, Job.state == "leased", Job.lease_owner == claim.owner
+                )
+            )
+        margin = min(self.settings.lease_seconds / 3, self.settings.bitrix24_timeout)
+        return expires is not None and expires - time.time() > margin
+
+    def _wait_for_token(self, portal: str) -> None:
+        pace = Pace(self.settings.rate_per_second, self.settings.rate_burst, self.settings.lease_seconds)
+        deadline = time.monotonic() + 2.0 / pace.rate_per_second
+        while True:
+            with self.db.write() as session:
+                wait = ratelimit.take_followup_token(session, portal, time.time(), pace)
+            if wait is None or time.monotonic() >= deadline:
+                return
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
     def _fail(self, claim: Claim, error: Bitrix24Error, note: str = "") -> None:
         """Map a Bitrix24 error to what the outbox does with the job."""
@@ -246,7 +290,13 @@ class Deliverer:
                 outbox.defer(session, job, claim, error.reset_at, message, now)
             elif error.retryable:
                 outbox.retry_later(
-                    session, job, claim, message, now, ambiguous=error.__class__.__name__ == "AmbiguousError"
+                    session,
+                    job,
+                    claim,
+                    message,
+                    now,
+                    ambiguous=isinstance(error, AmbiguousError),
+                    schedule=self.settings.retry_schedule,
                 )
             else:
                 outbox.kill(session, job, claim, message, now)
@@ -271,7 +321,7 @@ class Deliverer:
             self._record(claim, lambda s, j: outbox.kill(s, j, claim, reason, time.time()))
             return
         try:
-            response = self._send("telephony.externalCall.register", params)
+            response = self._send(claim, "telephony.externalCall.register", params)
         except Bitrix24Error as error:
             if is_unknown_user(error) and "USER_PHONE_INNER" in params and self.settings.default_user_id:
                 self._fallback_to_default_user(claim, call.id, error)
@@ -315,7 +365,7 @@ class Deliverer:
             return
         params = finish_params(call, self.settings)
         try:
-            response = self._send("telephony.externalCall.finish", params)
+            response = self._send(claim, "telephony.externalCall.finish", params)
         except Bitrix24Error as error:
             if is_finish_call_not_found(error) and call.b24_call_id:
                 self._finish_not_found(claim, call, error)
@@ -342,7 +392,7 @@ class Deliverer:
     def _finish_not_found(self, claim: Claim, call: Call, error: Bitrix24Error) -> None:
         """finish is not idempotent: after "Call is not found" look whether it was finished already."""
         try:
-            rows = self._statistics(call.b24_call_id or "")
+            rows = self._statistics(claim, call.b24_call_id or "")
         except PermanentError:
             rows = None  # the portal denies voximplant.statistic.get
         except Bitrix24Error as lookup_error:
@@ -365,8 +415,8 @@ class Deliverer:
 
         self._record(claim, apply)
 
-    def _statistics(self, b24_call_id: str) -> list[dict[str, Any]]:
-        response = self._send("voximplant.statistic.get", {"FILTER": {"CALL_ID": b24_call_id}})
+    def _statistics(self, claim: Claim, b24_call_id: str) -> list[dict[str, Any]]:
+        response = self._send(claim, "voximplant.statistic.get", {"FILTER": {"CALL_ID": b24_call_id}})
         result = response.result if response else []
         return [row for row in result if isinstance(row, dict)] if isinstance(result, list) else []
 
@@ -398,9 +448,9 @@ class Deliverer:
             self._mark_attached(claim, call, parts, params, digest, None, False, note="no speech: nothing to attach")
             return
         possible_duplicate = False
-        if claim.ambiguous and self.client is not None:
+        if claim.ambiguous and not self.dry_run:
             try:
-                rows = self._statistics(call.b24_call_id or "")
+                rows = self._statistics(claim, call.b24_call_id or "")
                 landed = next((r.get("TRANSCRIPT_ID") for r in rows if r.get("TRANSCRIPT_ID")), None)
                 if landed and int(landed) not in set(attached.values()):
                     self._mark_attached(claim, call, parts, params, digest, int(landed), False)
@@ -411,7 +461,7 @@ class Deliverer:
                 self._fail(claim, error, " (while checking whether the transcript already landed)")
                 return
         try:
-            response = self._send("telephony.call.attachTranscription", params)
+            response = self._send(claim, "telephony.call.attachTranscription", params)
         except Bitrix24Error as error:
             self._fail(claim, error)
             return
@@ -485,6 +535,8 @@ class Deliverer:
         job, call = self._load(claim)
         with self.db.read() as session:
             part = session.get_one(TranscriptPart, job.transcript_id)
+            # the callback URL's options (?channel=, ?speaker_channels_count=, …) apply to the fetch too
+            callback_query = dict(session.get_one(InboundEvent, part.event_id).query or {})
             session.expunge_all()
         vendor = STT_VENDORS[part.vendor]
         assert vendor.fetch is not None and part.vendor_job_id
@@ -507,9 +559,7 @@ class Deliverer:
             self._fetch_failed(claim, f"{vendor.name} API answered HTTP {answer.status_code}", retry=False)
             return
         try:
-            result = vendor.fetch.parse(
-                answer.content, {} if part.channel_slot is None else {"channel": str(part.channel_slot)}
-            )
+            result = vendor.fetch.parse(answer.content, callback_query)
         except ValidationError as exc:
             self._fetch_failed(
                 claim, f"{vendor.name} transcript unreadable: {sorted(_field_paths(exc.messages))}", retry=False
@@ -536,7 +586,7 @@ class Deliverer:
         def apply(session: Session, job: Job) -> None:
             now = time.time()
             if retry:
-                outbox.retry_later(session, job, claim, reason, now)
+                outbox.retry_later(session, job, claim, reason, now, schedule=self.settings.retry_schedule)
             else:
                 outbox.kill(session, job, claim, reason, now)
             if job.state == "dead" and job.transcript_id:

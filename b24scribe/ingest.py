@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from b24scribe import outbox
 from b24scribe.db import Database
 from b24scribe.models import Call, InboundEvent, TranscriptPart
-from b24scribe.settings import Settings
 from b24scribe.transcript import CallReference, Direction, Segment, VendorResult
 
 
@@ -115,20 +114,23 @@ def _existing(session: Session, raw: RawEvent, key: str) -> Outcome:
 def store_rejected(db: Database, raw: RawEvent, error: dict[str, Any], natural_key: str | None = None) -> Outcome:
     """Keep an authenticated but unprocessable event so it can be replayed after a fix."""
     key = raw.dedupe_key(natural_key)
-    with db.write() as session:
+
+    def store(session: Session) -> Outcome:
         event_id = _insert_event(session, raw, key, "rejected", error, time.time())
         if event_id is None:
             return _existing(session, raw, key)
-    return Outcome(event_id, False, error)
+        return Outcome(event_id, False, error)
+
+    return db.transact(store)
 
 
-def _find_or_create_call(session: Session, settings: Settings, pbx: str, pbx_call_id: str, now: float) -> Call:
+def _find_or_create_call(session: Session, portal: str, pbx: str, pbx_call_id: str, now: float) -> Call:
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(
         insert(Call)
         .values(
-            portal=settings.portal,
+            portal=portal,
             pbx=pbx,
             pbx_call_id=pbx_call_id,
             stage="new",
@@ -144,14 +146,16 @@ def _find_or_create_call(session: Session, settings: Settings, pbx: str, pbx_cal
 
 
 def _find_or_create_external_call(
-    session: Session, settings: Settings, b24_call_id: str, direction: Direction | None, now: float
+    session: Session, portal: str, b24_call_id: str, direction: Direction | None, now: float
 ) -> Call:
-    call = session.scalars(select(Call).where(Call.b24_call_id == b24_call_id).order_by(Call.id).limit(1)).first()
+    call = session.scalars(
+        select(Call).where(Call.portal == portal, Call.b24_call_id == b24_call_id).order_by(Call.id).limit(1)
+    ).first()
     if call is None:
         # Registered by something else: we assume it is (or will be) finished there, and let
         # "Is it finished?" answers retry until it is.
         call = Call(
-            portal=settings.portal,
+            portal=portal,
             b24_call_id=b24_call_id,
             external=True,
             stage="finished",
@@ -192,15 +196,16 @@ def merge_call_event(call: Call, event: CallEvent, now: float) -> None:
     call.updated_at = now
 
 
-def accept_call_event(db: Database, settings: Settings, raw: RawEvent, event: CallEvent) -> Outcome:
+def accept_call_event(db: Database, portal: str, raw: RawEvent, event: CallEvent) -> Outcome:
     """Store a PBX event, fold it into its call and make sure register (and finish) are queued."""
     key = raw.dedupe_key(None)
-    now = time.time()
-    with db.write() as session:
+
+    def store(session: Session) -> Outcome:
+        now = time.time()
         event_id = _insert_event(session, raw, key, "accepted", None, now)
         if event_id is None:
             return _existing(session, raw, key)
-        call = _find_or_create_call(session, settings, raw.provider, event.call_id, now)
+        call = _find_or_create_call(session, portal, raw.provider, event.call_id, now)
         session.get_one(InboundEvent, event_id).call_id = call.id
         merge_call_event(call, event, now)
         if call.stage == "new" and outbox.open_job(session, call.id, "register") is None:
@@ -215,7 +220,9 @@ def accept_call_event(db: Database, settings: Settings, raw: RawEvent, event: Ca
                 waiting=call.stage != "registered",
                 now=now,
             )
-    return Outcome(event_id, False)
+        return Outcome(event_id, False)
+
+    return db.transact(store)
 
 
 def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
@@ -225,7 +232,7 @@ def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
 
 def accept_transcript(
     db: Database,
-    settings: Settings,
+    portal: str,
     raw: RawEvent,
     result: VendorResult,
     reference: CallReference,
@@ -239,16 +246,17 @@ def accept_transcript(
     if raw.delivery_id is None and natural_key is None:
         # "the same body for the same call": the hash alone would merge two calls' identical bodies
         key = f"{key}:{reference.pbx or ''}:{reference.pbx_call_id or ''}:{reference.b24_call_id or ''}"[:200]
-    now = time.time()
-    with db.write() as session:
+
+    def store(session: Session) -> Outcome:
+        now = time.time()
         event_id = _insert_event(session, raw, key, "accepted", None, now)
         if event_id is None:
             return _existing(session, raw, key)
         if reference.b24_call_id:
-            call = _find_or_create_external_call(session, settings, reference.b24_call_id, options.direction, now)
+            call = _find_or_create_external_call(session, portal, reference.b24_call_id, options.direction, now)
         else:
             assert reference.pbx and reference.pbx_call_id  # the view checked it
-            call = _find_or_create_call(session, settings, reference.pbx, reference.pbx_call_id, now)
+            call = _find_or_create_call(session, portal, reference.pbx, reference.pbx_call_id, now)
         session.get_one(InboundEvent, event_id).call_id = call.id
         transcript = result.transcript
         part = TranscriptPart(
@@ -273,7 +281,9 @@ def accept_transcript(
             outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
         elif result.status == "completed":
             queue_attach(session, call, event_id, now)
-    return Outcome(event_id, False)
+        return Outcome(event_id, False)
+
+    return db.transact(store)
 
 
 def queue_attach(session: Session, call: Call, event_id: int | None, now: float) -> None:

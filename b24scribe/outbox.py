@@ -19,31 +19,20 @@ from b24scribe import ratelimit
 from b24scribe.db import affected_rows
 from b24scribe.models import Job, PortalPacing
 from b24scribe.ratelimit import Pace
+from b24scribe.settings import DEFAULT_RETRY_SCHEDULE
 
-# Seconds to wait before attempt n+1 (n = attempts so far); about three days in all, then dead.
-RETRY_SCHEDULE: Sequence[float] = (
-    10,
-    30,
-    120,
-    600,
-    1800,
-    3600,
-    7200,
-    14400,
-    28800,
-    43200,
-    86400,
-    86400,
-)
+RETRY_SCHEDULE: Sequence[float] = DEFAULT_RETRY_SCHEDULE
 JITTER = 0.2
 OPEN_STATES = ("waiting", "pending", "leased")
 
 
-def retry_delay(attempts: int, rng: random.Random | None = None) -> float | None:
+def retry_delay(
+    attempts: int, rng: random.Random | None = None, schedule: Sequence[float] = RETRY_SCHEDULE
+) -> float | None:
     """Back-off before the next attempt after `attempts` failures, ±20 % jitter; None: give up."""
-    if attempts < 1 or attempts > len(RETRY_SCHEDULE):
+    if attempts < 1 or attempts > len(schedule):
         return None
-    base = RETRY_SCHEDULE[attempts - 1]
+    base = schedule[attempts - 1]
     return base * (1.0 + JITTER * (2.0 * (rng or random).random() - 1.0))
 
 
@@ -170,6 +159,7 @@ def retry_later(
     now: float,
     ambiguous: bool = False,
     rng: random.Random | None = None,
+    schedule: Sequence[float] = RETRY_SCHEDULE,
 ) -> None:
     """A transient failure: spend an attempt and back off, or declare the job dead at the end."""
     _release(session, job, claim)
@@ -177,7 +167,7 @@ def retry_later(
     job.last_error = error
     job.ambiguous = job.ambiguous or ambiguous
     job.updated_at = now
-    delay = retry_delay(job.attempts, rng)
+    delay = retry_delay(job.attempts, rng, schedule)
     if delay is None:
         job.state = "dead"
         job.last_error = f"gave up after {job.attempts} attempts: {error}"

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from b24scribe.transcript import Role
 
 PREFIX = "B24SCRIBE_"
+# Seconds to wait before attempt n+1 after n failures: about three days in all, then the job is dead.
+DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0, 86400.0)
 
 
 class SettingsError(ValueError):
@@ -24,6 +26,9 @@ class Settings:
 
     database_url: str = "sqlite:///instance/b24scribe.sqlite3"
     bitrix24_webhook_url: str | None = None
+    # more portals by name, chosen per hook URL with ?portal=<name> (B24SCRIBE_BITRIX24_PORTALS)
+    bitrix24_portals: Mapping[str, str] = field(default_factory=dict)
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     bitrix24_timeout: float = 20.0
     inbound_token: str | None = None
     webhook_secret: str | None = None
@@ -46,14 +51,23 @@ class Settings:
     @property
     def dry_run(self) -> bool:
         """True when no Bitrix24 portal is configured: jobs are recorded, nothing is sent."""
-        return self.bitrix24_webhook_url is None
+        return self.bitrix24_webhook_url is None and not self.bitrix24_portals
 
     @property
     def portal(self) -> str:
-        """The key pacing and the ledger use for the configured portal: its host name."""
-        if self.bitrix24_webhook_url is None:
-            return "dry-run"
-        return urlsplit(self.bitrix24_webhook_url).netloc
+        """The default portal's key (pacing and the ledger use it): the webhook's host name."""
+        if self.bitrix24_webhook_url is not None:
+            return urlsplit(self.bitrix24_webhook_url).netloc
+        if self.bitrix24_portals:
+            return next(iter(self.bitrix24_portals))
+        return "dry-run"
+
+    def portal_urls(self) -> dict[str, str]:
+        """Every configured portal's key and webhook URL."""
+        urls = dict(self.bitrix24_portals)
+        if self.bitrix24_webhook_url is not None:
+            urls[self.portal] = self.bitrix24_webhook_url
+        return urls
 
     def vendor_setting(self, vendor: str, name: str) -> str | None:
         """A per-vendor setting such as B24SCRIBE_ASSEMBLYAI_API_KEY."""
@@ -101,6 +115,26 @@ def _parse_webhook_url(name: str, raw: str) -> str:
     return raw.strip().rstrip("/") + "/"
 
 
+def _parse_portals(raw: str) -> dict[str, str]:
+    portals: dict[str, str] = {}
+    for item in raw.replace(",", " ").split():
+        name, sep, url = item.partition("=")
+        if not sep or not name:
+            raise SettingsError(f"{PREFIX}BITRIX24_PORTALS: expected name=webhook-url pairs separated by spaces")
+        portals[name] = _parse_webhook_url("BITRIX24_PORTALS", url)
+    return portals
+
+
+def _parse_schedule(raw: str) -> tuple[float, ...]:
+    try:
+        schedule = tuple(float(part) for part in raw.replace(",", " ").split())
+    except ValueError:
+        raise SettingsError(f"{PREFIX}RETRY_SCHEDULE: expected seconds separated by commas, got {raw!r}") from None
+    if not schedule or any(delay < 0 for delay in schedule):
+        raise SettingsError(f"{PREFIX}RETRY_SCHEDULE: expected at least one non-negative delay")
+    return schedule
+
+
 _TOP_LEVEL = {f.name.upper() for f in fields(Settings)} - {"VENDOR"}
 
 
@@ -144,6 +178,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
     for name in ("CHANNEL0", "FIRST_SPEAKER"):
         if (value := text(name)) is not None:
             values[name.lower()] = _parse_role(name, value)
+    if (value := text("BITRIX24_PORTALS")) is not None:
+        values["bitrix24_portals"] = _parse_portals(value)
+    if (value := text("RETRY_SCHEDULE")) is not None:
+        values["retry_schedule"] = _parse_schedule(value)
     if (value := text("CRM_CREATE")) is not None:
         values["crm_create"] = _parse_bool("CRM_CREATE", value)
     if (value := text("LOG_LEVEL")) is not None:

@@ -14,7 +14,7 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from b24scribe import outbox
+from b24scribe import metrics, outbox
 from b24scribe.db import Database, affected_rows
 from b24scribe.delivery import Deliverer
 from b24scribe.models import Call, Job, WorkerHeartbeat
@@ -39,6 +39,8 @@ class Worker:
         self.pace = Pace(settings.rate_per_second, settings.rate_burst, settings.lease_seconds)
         self.deliverer = Deliverer.from_settings(db, settings)
         self.stopping = threading.Event()
+        # The renewer outlives `stopping`: jobs still in flight after SIGTERM keep their leases.
+        self._renewer_stop = threading.Event()
         self._held: dict[int, Claim] = {}
         self._held_lock = threading.Lock()
         self._last_housekeeping = 0.0
@@ -108,6 +110,7 @@ class Worker:
                     )
                 )
             )
+        metrics.jobs_died("attach", orphaned)
         if reclaimed or orphaned:
             log.warning("housekeeping", reclaimed_leases=reclaimed, orphaned_transcripts=orphaned)
 
@@ -115,7 +118,7 @@ class Worker:
 
     def _renew_leases(self) -> None:
         interval = max(0.2, self.settings.lease_seconds / 3)
-        while not self.stopping.wait(interval):
+        while not self._renewer_stop.wait(interval):
             with self._held_lock:
                 claims = list(self._held.values())
             for claim in claims:
@@ -162,6 +165,8 @@ class Worker:
             thread.start()
         for thread in loops:
             thread.join()
+        self._renewer_stop.set()
+        renewer.join(timeout=10)
         with self.db.write() as session:
             session.query(WorkerHeartbeat).filter_by(worker_id=self.worker_id).delete()
         log.info("worker stopped", worker_id=self.worker_id)

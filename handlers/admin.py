@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Response, current_app, jsonify, request
+from flask_smorest import Blueprint
+from marshmallow import Schema
 from sqlalchemy import select
 
 from b24scribe import outbox
@@ -13,9 +17,47 @@ from b24scribe.db import Database
 from b24scribe.models import Job
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
+from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, JobListSchema, JobSchema
 
-bp = Blueprint("admin", __name__, url_prefix="/v1")
+bp = Blueprint(
+    "admin",
+    __name__,
+    url_prefix="/v1",
+    description="Calls, the outbox and replay, for integrators. Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>.",
+)
 JOB_STATES = ("waiting", "pending", "leased", "done", "dead")
+
+
+def _admin_errors(*extra: tuple[int, str]) -> list[tuple[int, str]]:
+    return [
+        (401, "the admin token is missing or wrong"),
+        (403, "the admin API is disabled: B24SCRIBE_ADMIN_TOKEN is not set"),
+        *extra,
+    ]
+
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def documented(success: int, schema: type[Schema], *errors: tuple[int, str]) -> Callable[[View], View]:
+    """Document an admin view: its success body, the admin security and its error answers."""
+
+    def decorate(view: View) -> View:
+        view = bp.doc(security=ADMIN_SECURITY)(view)
+        view = bp.response(success, schema)(view)
+        for status, description in _admin_errors(*errors):
+            view = bp.alt_response(status, schema=ErrorSchema, description=description)(view)
+        return view
+
+    return decorate
+
+
+def is_admin_token(given: str | None) -> bool:
+    """Whether `given` is the configured admin token (constant-time; False when none is configured)."""
+    settings: Settings = current_app.extensions["b24scribe.settings"]
+    if settings.admin_token is None or not given:
+        return False
+    return hmac.compare_digest(given.encode(), settings.admin_token.encode())
 
 
 def _db() -> Database:
@@ -30,11 +72,12 @@ def require_admin_token() -> None:
     if settings.admin_token is None:
         raise ApiError(403, "admin_disabled", "the admin API is disabled: set B24SCRIBE_ADMIN_TOKEN")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.admin_token.encode()):
+    if scheme.lower() != "bearer" or not is_admin_token(given.strip()):
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>")
 
 
 @bp.get("/calls/by-b24/<path:b24_call_id>")
+@documented(200, CallSchema, (404, "no call with this CALL_ID has reached the service"))
 def call_by_b24(b24_call_id: str) -> Response:
     """A call by its Bitrix24 CALL_ID."""
     with _db().read() as session:
@@ -45,6 +88,7 @@ def call_by_b24(b24_call_id: str) -> Response:
 
 
 @bp.get("/calls/<pbx>/<path:pbx_call_id>")
+@documented(200, CallSchema, (404, "no such call from this PBX"))
 def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
     """A call by the PBX's own id."""
     with _db().read() as session:
@@ -55,6 +99,23 @@ def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
 
 
 @bp.get("/jobs")
+@documented(200, JobListSchema, (422, "unknown state or a limit that is not a number"))
+@bp.doc(
+    parameters=[
+        {
+            "name": "state",
+            "in": "query",
+            "schema": {"type": "string", "enum": list(JOB_STATES)},
+            "description": "only jobs in this state",
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "description": "at most this many jobs, newest first",
+        },
+    ]
+)
 def list_jobs() -> Response:
     """The outbox: counts by state and the jobs in one state (newest first, at most `limit`)."""
     state = request.args.get("state")
@@ -75,6 +136,7 @@ def list_jobs() -> Response:
 
 
 @bp.post("/jobs/<int:job_id>/retry")
+@documented(202, JobSchema, (404, "no such job"), (409, "the job is not dead"))
 def retry_job(job_id: int) -> tuple[Response, int]:
     """Replay a dead job now, with a fresh attempt count."""
     with _db().write() as session:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
-from b24scribe import migrate, outbox
-from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx
+from b24scribe import metrics, migrate, outbox
+from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
+from b24scribe.checks import has_problems, run_checks
 from b24scribe.db import Database
-from b24scribe.models import Job
+from b24scribe.models import InboundEvent, Job
+from b24scribe.replay import field_summary, rejected_event_ids, replay_event
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
 
@@ -34,6 +37,8 @@ def worker_command(threads: int, run_migrations: bool) -> None:
     """Deliver outbox jobs to Bitrix24 until SIGTERM."""
     if run_migrations:
         migrate.upgrade(_settings().database_url)
+    # Counters go where the web processes' /metrics merges them (see b24scribe.metrics).
+    metrics.prepare_multiprocess_dir(_settings().database_url)
     Worker(_db(), _settings(), threads=threads).run_forever()
 
 
@@ -106,9 +111,68 @@ def calls_show(reference: str, pbx: str | None) -> None:
         click.echo(json.dumps(describe_call(session, call), indent=2, ensure_ascii=False))
 
 
+@click.command("check")
+@with_appcontext
+def check_command() -> None:
+    """Check settings, the database schema and every Bitrix24 portal; exit 1 on any problem."""
+    logging.getLogger("alembic.runtime.migration").setLevel("WARNING")  # only our findings on the terminal
+    findings = run_checks(_settings(), _db())
+    for finding in findings:
+        click.echo(finding.line(), err=finding.level == "problem")
+    if has_problems(findings):
+        raise SystemExit(1)
+
+
+events_group = AppGroup("events", help="Inbound events as received (raw bodies kept for replay).")
+
+
+@events_group.command("list")
+@click.option("--rejected", is_flag=True, help="only events that could not be processed")
+@click.option("--limit", default=50, show_default=True)
+def events_list(rejected: bool, limit: int) -> None:
+    """One line per event, newest first: id, source/provider, state, received, call, why rejected."""
+    query = select(InboundEvent).order_by(InboundEvent.id.desc()).limit(limit)
+    if rejected:
+        query = query.where(InboundEvent.state.in_(("rejected", "replaying")))
+    with _db().read() as session:
+        for event in session.scalars(query):
+            error = event.error or {}
+            why = field_summary(error["fields"]) if event.state != "accepted" and error.get("fields") else ""
+            if event.state == "replayed":
+                why = f"replayed as event {error.get('replayed_as')}"
+            click.echo(
+                f"{event.id}\t{event.source}/{event.provider}\t{event.state}\t{iso(event.received_at)}\t"
+                f"call={event.call_id or ''}\t{why}"
+            )
+
+
+@events_group.command("replay")
+@click.argument("event_ids", nargs=-1, type=int)
+@click.option("--rejected", "all_rejected", is_flag=True, help="replay every rejected event")
+@click.option("--source", type=click.Choice(["pbx", "stt"]), default=None, help="with --rejected: only these")
+@click.option("--provider", default=None, help="with --rejected: only this PBX or vendor")
+def events_replay(event_ids: tuple[int, ...], all_rejected: bool, source: str | None, provider: str | None) -> None:
+    """Parse stored events again, through the hooks' own code (after a fix): rejected ones are stored if
+    they now pass; accepted transcripts are translated again and re-attached if they changed."""
+    if not event_ids and not all_rejected:
+        raise click.UsageError("name event ids or pass --rejected")
+    ids = list(event_ids) or rejected_event_ids(_db(), source, provider)
+    outcomes = [replay_event(_db(), _settings(), event_id) for event_id in ids]
+    for outcome in outcomes:
+        click.echo(outcome.line())
+    counted: dict[str, int] = {}
+    for outcome in outcomes:
+        counted[outcome.outcome] = counted.get(outcome.outcome, 0) + 1
+    click.echo(f"replayed {len(outcomes)} event(s)" + "".join(f", {n} {name}" for name, n in sorted(counted.items())))
+    if any(outcome.outcome == "missing" for outcome in outcomes):
+        raise SystemExit(1)
+
+
 def register(app: Flask) -> None:
     """Attach the commands to the app's CLI."""
     app.cli.add_command(worker_command)
+    app.cli.add_command(check_command)
+    app.cli.add_command(events_group)
     app.cli.add_command(db_group)
     app.cli.add_command(jobs_group)
     app.cli.add_command(calls_group)

@@ -5,32 +5,34 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Response, current_app, jsonify, request
+from flask_smorest import Blueprint
 from marshmallow import ValidationError
-from werkzeug.datastructures import MultiDict
 
 from b24scribe.db import Database
 from b24scribe.inbound_auth import Authenticated, AuthFailure, authenticate
 from b24scribe.ingest import (
     Outcome,
     RawEvent,
-    TranscriptOptions,
     accept_call_event,
     accept_transcript,
     store_rejected,
 )
+from b24scribe.intake import PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
-from b24scribe.transcript import CallReference, Direction, Role
 from handlers.errors import ApiError
-from schemas.bitrix24 import check_attributable
-from schemas.pbx_events import parse_asterisk, parse_generic
+from handlers.openapi import document_pbx_hook, document_stt_hook
 from schemas.registry import STT_VENDORS
-from schemas.source import load_json
 
 log = structlog.get_logger(__name__)
-bp = Blueprint("hooks", __name__, url_prefix="/hooks")
+bp = Blueprint(
+    "hooks",
+    __name__,
+    url_prefix="/hooks",
+    description="Inbound webhooks from PBXs and speech-to-text vendors. Every hook authenticates before anything "
+    "is stored; a 2xx answer means the event is durably stored.",
+)
 
-PBX_PARSERS = {"generic": "json", "asterisk": "form"}
 STANDARD_WEBHOOK_SOURCES = {"generic"}
 
 
@@ -87,57 +89,8 @@ def _reject(raw: RawEvent, fields: dict[str, Any], message: str, natural_key: st
     return ApiError(422, "invalid_payload", message, {**fields, "event_id": outcome.event_id})
 
 
-def _one_of(name: str, allowed: list[str]) -> str | None:
-    value = request.args.get(name)
-    if value is None:
-        return None
-    if value not in allowed:
-        raise ValidationError({name: [f"must be one of: {', '.join(allowed)}"]})
-    return value
-
-
-def _transcript_options() -> TranscriptOptions:
-    roles = [r.value for r in Role]
-    channel = _one_of("channel", ["0", "1"])
-    overrides = {name: value for name in ("channel0", "first_speaker") if (value := _one_of(name, roles)) is not None}
-    direction = _one_of("direction", [d.value for d in Direction])
-    return TranscriptOptions(
-        channel_slot=int(channel) if channel is not None else None,
-        side_overrides=overrides,
-        direction=Direction(direction) if direction else None,
-    )
-
-
-def _call_reference(payload_reference: CallReference) -> CallReference:
-    """The call named by the URL and/or the vendor's metadata; they must agree (SPEC 3.3)."""
-    url = CallReference(
-        pbx=request.args.get("pbx") or None,
-        pbx_call_id=request.args.get("call") or None,
-        b24_call_id=request.args.get("b24_call_id") or None,
-    )
-    errors: dict[str, list[str]] = {}
-    for attribute, name in (("pbx", "pbx"), ("pbx_call_id", "call"), ("b24_call_id", "b24_call_id")):
-        from_url, from_payload = getattr(url, attribute), getattr(payload_reference, attribute)
-        if from_url and from_payload and from_url != from_payload:
-            errors[name] = [f"the URL says {from_url!r} but the payload says {from_payload!r}"]
-    if errors:
-        raise ValidationError(errors)
-    merged = CallReference(
-        pbx=url.pbx or payload_reference.pbx,
-        pbx_call_id=url.pbx_call_id or payload_reference.pbx_call_id,
-        b24_call_id=url.b24_call_id or payload_reference.b24_call_id,
-    )
-    if merged.b24_call_id is None:
-        if merged.pbx_call_id is None:
-            raise ValidationError(
-                {"call": ["name the call: add ?pbx=<pbx>&call=<pbx call id> or ?b24_call_id=<CALL_ID> to the URL"]}
-            )
-        if merged.pbx is None:
-            raise ValidationError({"pbx": ["name the PBX the call id belongs to, e.g. ?pbx=asterisk"]})
-    return merged
-
-
 @bp.post("/stt/<vendor>")
+@document_stt_hook(bp)
 def stt_hook(vendor: str) -> tuple[Response, int]:
     """A transcript callback from an STT vendor (or our generic format)."""
     adapter = STT_VENDORS.get(vendor)
@@ -147,45 +100,30 @@ def stt_hook(vendor: str) -> tuple[Response, int]:
     auth = _authenticate(vendor, body, adapter.auth_header)
     raw = RawEvent("stt", vendor, body, _query_without_token(), request.content_type, auth.delivery_id)
     try:
-        options = _transcript_options()
-        result = adapter.parse(body, request.args)
-        reference = _call_reference(result.reference)
-        if result.status == "completed" and result.transcript is not None:
-            check_attributable(result.transcript)
+        portal = resolve_portal(_settings(), request.args)
+        parsed = parse_transcript(vendor, body, request.args)
     except ValidationError as error:
         messages = error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
         raise _reject(raw, messages, "the transcript cannot be processed: see fields") from None
-    outcome = accept_transcript(_db(), _settings(), raw, result, reference, options)
+    outcome = accept_transcript(_db(), portal, raw, parsed.result, parsed.reference, parsed.options)
     return _answer(outcome, "stt", vendor)
 
 
 @bp.post("/pbx/<pbx>")
+@document_pbx_hook(bp)
 def pbx_hook(pbx: str) -> tuple[Response, int]:
     """A call life-cycle event from a PBX."""
-    kind = PBX_PARSERS.get(pbx)
-    if kind is None:
+    if pbx not in PBX_PARSERS:
         raise ApiError(404, "unknown_pbx", f"no PBX {pbx!r}; known: {', '.join(sorted(PBX_PARSERS))}")
     body = request.get_data(cache=False)
     auth = _authenticate(pbx, body)
     raw = RawEvent("pbx", pbx, body, _query_without_token(), request.content_type, auth.delivery_id)
     try:
-        if kind == "json":
-            event = parse_generic(load_json(body))
-        else:
-            form = MultiDict(_parse_form(body)) if body else request.args
-            event = parse_asterisk({k: v for k, v in form.items() if k != "token"})
+        portal = resolve_portal(_settings(), request.args)
+        event = parse_call_event(pbx, body, request.args)
     except ValidationError as error:
         messages = error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
         raise _reject(raw, messages, "the call event cannot be processed: see fields") from None
     structlog.contextvars.bind_contextvars(pbx=pbx, pbx_call_id=event.call_id)
-    outcome = accept_call_event(_db(), _settings(), raw, event)
+    outcome = accept_call_event(_db(), portal, raw, event)
     return _answer(outcome, "pbx", pbx)
-
-
-def _parse_form(body: bytes) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
-    try:
-        return parse_qsl(body.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        raise ValidationError({"_body": ["the form body is not UTF-8"]}) from None

@@ -5,7 +5,28 @@ Adding a vendor touches its schema module (which exports `VENDOR`) and one line 
 
 from __future__ import annotations
 
-from schemas import generic_transcript
+from schemas import (
+    assemblyai,
+    deepgram,
+    fasterwhisper,
+    generic_transcript,
+    openai,
+    revai,
+    speechmatics,
+    whispercpp,
+)
 from schemas.source import SttVendor
 
-STT_VENDORS: dict[str, SttVendor] = {vendor.name: vendor for vendor in (generic_transcript.VENDOR,)}
+STT_VENDORS: dict[str, SttVendor] = {
+    vendor.name: vendor
+    for vendor in (
+        generic_transcript.VENDOR,
+        deepgram.VENDOR,
+        assemblyai.VENDOR,
+        revai.VENDOR,
+        speechmatics.VENDOR,
+        openai.VENDOR,
+        whispercpp.VENDOR,
+        fasterwhisper.VENDOR,
+    )
+}

@@ -27,7 +27,7 @@ from b24scribe.worker import Worker
 if TYPE_CHECKING:
     from tests.fake_bitrix24 import FakeBitrix24
 
-pytest_plugins = ["tests.fake_bitrix24"]
+pytest_plugins = ["tests.fake_bitrix24", "tests.fake_vendor_api"]
 
 INBOUND_TOKEN = "test-inbound-token-7f3a"
 ADMIN_TOKEN = "test-admin-token-91c2"

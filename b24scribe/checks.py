@@ -1,0 +1,148 @@
+"""`flask check`: is this deployment able to do its job? Settings, schema, and each Bitrix24 portal.
+
+Every finding is one line a person can act on. None ever holds a secret: portals are named by
+their host, never by their webhook URL (its path is the webhook's password).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import requests
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from b24scribe.bitrix24 import Bitrix24Client, Bitrix24Error, PermanentError
+from b24scribe.db import Database
+from b24scribe.logging import redact
+from b24scribe.migrate import alembic_config
+from b24scribe.settings import Settings
+
+MIN_TOKEN_LENGTH = 16
+REQUIRED_SCOPE = "telephony"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One result: `ok`, `warning` (works, but look) or `problem` (will not work as configured)."""
+
+    level: str
+    message: str
+
+    def line(self) -> str:
+        """How the CLI prints it."""
+        return f"{self.level}: {redact(self.message)}"
+
+
+def ok(message: str) -> Finding:
+    """A check that passed."""
+    return Finding("ok", message)
+
+
+def warning(message: str) -> Finding:
+    """Works, but probably not as intended."""
+    return Finding("warning", message)
+
+
+def problem(message: str) -> Finding:
+    """Will not work as configured."""
+    return Finding("problem", message)
+
+
+def check_settings(settings: Settings) -> list[Finding]:
+    """Settings that parse but leave the service unable (or unsafe) to work."""
+    findings: list[Finding] = []
+    if settings.inbound_token is None and settings.webhook_secret is None:
+        findings.append(problem("B24SCRIBE_INBOUND_TOKEN is not set: every hook answers 503"))
+    elif settings.inbound_token is None:
+        findings.append(
+            warning("B24SCRIBE_INBOUND_TOKEN is not set: only generic hooks signed with B24SCRIBE_WEBHOOK_SECRET work")
+        )
+    elif len(settings.inbound_token) < MIN_TOKEN_LENGTH:
+        findings.append(
+            warning(f"B24SCRIBE_INBOUND_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: easy to guess")
+        )
+    if settings.admin_token is None:
+        findings.append(warning("B24SCRIBE_ADMIN_TOKEN is not set: the admin API and the status page are disabled"))
+    elif len(settings.admin_token) < MIN_TOKEN_LENGTH:
+        findings.append(warning(f"B24SCRIBE_ADMIN_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: easy to guess"))
+    if settings.dry_run:
+        findings.append(
+            warning("B24SCRIBE_BITRIX24_WEBHOOK_URL is not set: dry-run, jobs are recorded and nothing is sent")
+        )
+    for portal, url in settings.portal_urls().items():
+        if url.startswith("http://"):
+            findings.append(warning(f"portal {portal}: the webhook URL is plain http, its secret travels unencrypted"))
+    if not findings:
+        findings.append(ok("settings are complete"))
+    return findings
+
+
+def schema_revisions(db: Database) -> tuple[set[str], set[str]]:
+    """(the database's current Alembic revisions, the migrations' heads)."""
+    script = ScriptDirectory.from_config(alembic_config(db.url))
+    with db.write_engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+    return current, set(script.get_heads())
+
+
+def check_database(db: Database) -> list[Finding]:
+    """The database answers and its schema is at the newest migration."""
+    try:
+        current, heads = schema_revisions(db)
+    except Exception as exc:  # the URL may hold a password: name the failure, not the URL
+        return [problem(f"the database is unreachable ({type(exc).__name__}): check B24SCRIBE_DATABASE_URL")]
+    if current == heads:
+        return [ok(f"database schema is at the newest migration ({', '.join(sorted(heads))})")]
+    if not current:
+        return [problem("the database has no schema yet: run `flask --app app db upgrade`")]
+    return [
+        problem(
+            f"the database schema is at {', '.join(sorted(current))}, not {', '.join(sorted(heads))}: "
+            "run `flask --app app db upgrade`"
+        )
+    ]
+
+
+def _describe(error: Bitrix24Error) -> str:
+    code = f"{error.code}: " if error.code else ""
+    return f"{code}{error.description}"
+
+
+def check_portal(portal: str, webhook_url: str, timeout: float, session: requests.Session | None = None) -> Finding:
+    """One portal: reachable, the webhook's credentials accepted, the telephony scope granted."""
+    client = Bitrix24Client(webhook_url, timeout, session)
+    try:
+        scopes = client.call("scope", {}).result
+        user = client.call("user.current", {}).result
+    except PermanentError as error:
+        return problem(
+            f"portal {portal}: Bitrix24 refused the webhook ({_describe(error)}): "
+            "check the webhook URL, and that the webhook and its user still exist"
+        )
+    except Bitrix24Error as error:
+        return problem(f"portal {portal}: Bitrix24 is unreachable ({_describe(error)})")
+    granted = [str(scope) for scope in scopes] if isinstance(scopes, list) else []
+    if REQUIRED_SCOPE not in granted:
+        return problem(
+            f"portal {portal}: the webhook lacks the {REQUIRED_SCOPE} scope (it has: {', '.join(granted) or 'none'}): "
+            f"edit the webhook in Bitrix24 and add {REQUIRED_SCOPE}"
+        )
+    who = f"user {user.get('ID')}" if isinstance(user, dict) else "its user"
+    return ok(f"portal {portal}: reachable, webhook of {who}, scopes: {', '.join(granted)}")
+
+
+def check_bitrix24(settings: Settings) -> list[Finding]:
+    """Every configured portal (none in dry-run)."""
+    return [check_portal(portal, url, settings.bitrix24_timeout) for portal, url in settings.portal_urls().items()]
+
+
+def run_checks(settings: Settings, db: Database) -> list[Finding]:
+    """All checks, in the order a person would fix them."""
+    return [*check_settings(settings), *check_database(db), *check_bitrix24(settings)]
+
+
+def has_problems(findings: Iterable[Finding]) -> bool:
+    """Whether any finding is a problem (the command then exits non-zero)."""
+    return any(finding.level == "problem" for finding in findings)

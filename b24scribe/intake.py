@@ -1,0 +1,132 @@
+"""From a hook's raw bytes and URL query to what the core stores: the parse step of every hook.
+
+The hooks (handlers/hooks.py) and `flask events replay` both call these functions, so a stored
+event replayed after a fix goes through exactly the code a new request would. Each raises
+marshmallow's ValidationError naming the bad fields; nothing here touches the request or the
+database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from marshmallow import ValidationError
+
+from b24scribe.ingest import CallEvent, TranscriptOptions
+from b24scribe.settings import Settings
+from b24scribe.transcript import CallReference, Direction, Role, VendorResult
+from schemas.bitrix24 import check_attributable
+from schemas.pbx_events import parse_asterisk, parse_generic
+from schemas.registry import STT_VENDORS
+from schemas.source import load_json
+
+# How each PBX sends its events: a JSON body, or form fields (in the body or the query).
+PBX_PARSERS = {"generic": "json", "asterisk": "form"}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTranscript:
+    """A transcript callback, read: the vendor's result, the call it names and the URL's options."""
+
+    result: VendorResult
+    reference: CallReference
+    options: TranscriptOptions
+
+
+def _one_of(query: Mapping[str, str], name: str, allowed: list[str]) -> str | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    if value not in allowed:
+        raise ValidationError({name: [f"must be one of: {', '.join(allowed)}"]})
+    return value
+
+
+def transcript_options(query: Mapping[str, str]) -> TranscriptOptions:
+    """`?channel=`, `?channel0=`, `?first_speaker=` and `?direction=` of a transcript callback URL."""
+    roles = [r.value for r in Role]
+    channel = _one_of(query, "channel", ["0", "1"])
+    overrides = {
+        name: value for name in ("channel0", "first_speaker") if (value := _one_of(query, name, roles)) is not None
+    }
+    direction = _one_of(query, "direction", [d.value for d in Direction])
+    return TranscriptOptions(
+        channel_slot=int(channel) if channel is not None else None,
+        side_overrides=overrides,
+        direction=Direction(direction) if direction else None,
+    )
+
+
+def call_reference(query: Mapping[str, str], payload_reference: CallReference) -> CallReference:
+    """The call named by the URL and/or the vendor's metadata; they must agree (SPEC 3.3)."""
+    url = CallReference(
+        pbx=query.get("pbx") or None,
+        pbx_call_id=query.get("call") or None,
+        b24_call_id=query.get("b24_call_id") or None,
+    )
+    errors: dict[str, list[str]] = {}
+    for attribute, name in (("pbx", "pbx"), ("pbx_call_id", "call"), ("b24_call_id", "b24_call_id")):
+        from_url, from_payload = getattr(url, attribute), getattr(payload_reference, attribute)
+        if from_url and from_payload and from_url != from_payload:
+            errors[name] = [f"the URL says {from_url!r} but the payload says {from_payload!r}"]
+    if errors:
+        raise ValidationError(errors)
+    merged = CallReference(
+        pbx=url.pbx or payload_reference.pbx,
+        pbx_call_id=url.pbx_call_id or payload_reference.pbx_call_id,
+        b24_call_id=url.b24_call_id or payload_reference.b24_call_id,
+    )
+    if merged.b24_call_id is None:
+        if merged.pbx_call_id is None:
+            raise ValidationError(
+                {"call": ["name the call: add ?pbx=<pbx>&call=<pbx call id> or ?b24_call_id=<CALL_ID> to the URL"]}
+            )
+        if merged.pbx is None:
+            raise ValidationError({"pbx": ["name the PBX the call id belongs to, e.g. ?pbx=asterisk"]})
+    return merged
+
+
+def parse_transcript(vendor: str, body: bytes, query: Mapping[str, str]) -> ParsedTranscript:
+    """Read a transcript callback of a registered vendor (KeyError for an unknown one)."""
+    adapter = STT_VENDORS[vendor]
+    options = transcript_options(query)
+    result = adapter.parse(body, query)
+    reference = call_reference(query, result.reference)
+    if result.status == "completed" and result.transcript is not None:
+        check_attributable(result.transcript)
+    return ParsedTranscript(result, reference, options)
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """A form-encoded body; the first value of a repeated field wins."""
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise ValidationError({"_body": ["the form body is not UTF-8"]}) from None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+def parse_call_event(pbx: str, body: bytes, query: Mapping[str, str]) -> CallEvent:
+    """Read a PBX's call event (KeyError for an unknown PBX); form PBXs may send it in the query."""
+    if PBX_PARSERS[pbx] == "json":
+        return parse_generic(load_json(body))
+    form: Mapping[str, str] = parse_form(body) if body else query
+    return parse_asterisk({key: value for key, value in form.items() if key != "token"})
+
+
+def resolve_portal(settings: Settings, query: Mapping[str, str]) -> str:
+    """The portal a hook URL delivers to: `?portal=<name>`, else the default one."""
+    name = query.get("portal")
+    if name is None or name == settings.portal:
+        return settings.portal
+    known = settings.portal_urls()
+    if not known:
+        return name  # dry-run: any label is fine, nothing is sent
+    if name not in known:
+        raise ValidationError({"portal": [f"must be one of: {', '.join(sorted(known))}"]})
+    return name

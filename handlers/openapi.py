@@ -1,0 +1,292 @@
+"""The OpenAPI document (flask-smorest + apispec): served at `/openapi.json`, committed as `openapi.json`.
+
+After changing an endpoint, regenerate the committed file (tests/test_openapi.py checks it):
+
+    flask --app app openapi write openapi.json
+
+The schemas below only document responses; the views build their bodies themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+from flask import Flask
+from flask_smorest import Api, Blueprint
+from marshmallow import Schema, fields
+
+from schemas.generic_transcript import GenericTranscriptSchema
+from schemas.pbx_events import AsteriskCallEventSchema, GenericCallEventSchema, StartedAt
+
+
+class ErrorDetailSchema(Schema):
+    """What went wrong."""
+
+    code = fields.String(required=True, metadata={"description": "machine-readable, e.g. invalid_payload"})
+    message = fields.String(required=True, metadata={"description": "for a person; never holds a secret"})
+    fields_ = fields.Dict(
+        data_key="fields",
+        required=True,
+        metadata={"description": "each bad field (dotted path) with its messages; may hold event_id of a kept event"},
+    )
+
+
+class ErrorSchema(Schema):
+    """Every error the service answers: {"error": {"code", "message", "fields"}}."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class EventStoredSchema(Schema):
+    """A hook's answer once the event is durably stored (202) or was already (200, duplicate)."""
+
+    event_id = fields.Integer(required=True)
+    duplicate = fields.Boolean(required=True)
+
+
+class JobSchema(Schema):
+    """An outbox job."""
+
+    id = fields.Integer(required=True)
+    kind = fields.String(required=True, metadata={"description": "register | finish | attach | fetch"})
+    state = fields.String(required=True, metadata={"description": "waiting | pending | leased | done | dead"})
+    attempts = fields.Integer(required=True)
+    next_attempt_at = fields.DateTime(allow_none=True, metadata={"description": "pending and waiting jobs only"})
+    last_error = fields.String(allow_none=True)
+    call = fields.Integer(allow_none=True, metadata={"description": "the call's id in this service"})
+    result = fields.Dict(allow_none=True, metadata={"description": "what Bitrix24 answered, e.g. CALL_ID"})
+
+
+class CallJobSchema(JobSchema):
+    """A job of one call, with the request it sent (or would send, in dry-run)."""
+
+    request = fields.Dict(allow_none=True, metadata={"description": "{method, params}"})
+
+
+class JobListSchema(Schema):
+    """`GET /v1/jobs`."""
+
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    jobs = fields.List(fields.Nested(JobSchema), required=True)
+
+
+class TranscriptStateSchema(Schema):
+    """One transcript callback of a call and how far it got."""
+
+    id = fields.Integer(required=True)
+    vendor = fields.String(required=True)
+    vendor_job_id = fields.String(allow_none=True)
+    channel = fields.Integer(allow_none=True, metadata={"description": "0 or 1 for a one-channel file, else null"})
+    received_at = fields.DateTime(required=True)
+    segments = fields.Integer(required=True, metadata={"description": "how many segments or words it holds"})
+    state = fields.String(
+        required=True, metadata={"description": "waiting | pending | fetching | delivered | empty | failed"}
+    )
+    reason = fields.String(allow_none=True, metadata={"description": "why it is waiting or failed"})
+    transcript_id = fields.Integer(allow_none=True, metadata={"description": "Bitrix24 TRANSCRIPT_ID"})
+    delivered_at = fields.DateTime(allow_none=True)
+
+
+class CallSchema(Schema):
+    """A call: its Bitrix24 CALL_ID and stage, transcripts and jobs."""
+
+    id = fields.Integer(required=True)
+    pbx = fields.String(allow_none=True)
+    pbx_call_id = fields.String(allow_none=True)
+    b24_call_id = fields.String(allow_none=True, metadata={"description": "Bitrix24 CALL_ID once registered"})
+    portal = fields.String(required=True)
+    external = fields.Boolean(required=True, metadata={"description": "registered by something else"})
+    stage = fields.String(required=True, metadata={"description": "new | registered | finished"})
+    registered = fields.Boolean(required=True)
+    finished = fields.Boolean(required=True)
+    direction = fields.String(allow_none=True)
+    from_ = fields.String(data_key="from", allow_none=True)
+    to = fields.String(allow_none=True)
+    extension = fields.String(allow_none=True)
+    user_id = fields.Integer(allow_none=True)
+    started_at = fields.String(allow_none=True)
+    duration = fields.Integer(allow_none=True)
+    status = fields.String(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    transcripts = fields.List(fields.Nested(TranscriptStateSchema), required=True)
+    jobs = fields.List(fields.Nested(CallJobSchema), required=True)
+
+
+class CheckSchema(Schema):
+    """One readiness check."""
+
+    ok = fields.Boolean(required=True)
+    error = fields.String(metadata={"description": "database: the exception's class name"})
+    heartbeat_age_seconds = fields.Float(allow_none=True)
+    oldest_due_job_age_seconds = fields.Float()
+
+
+class ReadinessSchema(Schema):
+    """`GET /readyz`."""
+
+    status = fields.String(required=True, metadata={"description": "ok | unavailable"})
+    checks = fields.Dict(keys=fields.String(), values=fields.Nested(CheckSchema), required=True)
+
+
+class LivenessSchema(Schema):
+    """`GET /livez`."""
+
+    status = fields.String(required=True, metadata={"description": "always ok"})
+
+
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "inboundBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <B24SCRIBE_INBOUND_TOKEN> (Basic with the token as password works too)",
+    },
+    "inboundQueryToken": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "token",
+        "description": "?token=<B24SCRIBE_INBOUND_TOKEN>, for senders that can only set a URL; redacted in logs",
+    },
+    "standardWebhooks": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "webhook-signature",
+        "description": "Standard Webhooks signature (with webhook-id and webhook-timestamp, 5 min tolerance) "
+        "made with B24SCRIBE_WEBHOOK_SECRET; generic hooks only",
+    },
+    "adminBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>",
+    },
+}
+INBOUND_SECURITY: list[dict[str, list[str]]] = [
+    {"inboundBearer": []},
+    {"inboundQueryToken": []},
+    {"standardWebhooks": []},
+]
+ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminBearer": []}]
+NO_SECURITY: list[dict[str, list[str]]] = []
+
+
+class ScribeApi(Api):
+    """flask-smorest's Api with our error shape; handlers/errors.py answers errors, not flask-smorest."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def _register_error_handlers(self) -> None:
+        """Keep the app's own handlers (STYLE 6)."""
+
+
+def _version() -> str:
+    try:
+        return version("b24scribe")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0.0.0"
+
+
+def init_api(app: Flask) -> ScribeApi:
+    """Configure the OpenAPI document and serve it at /openapi.json (no UI: it would need a CDN)."""
+    app.config.update(
+        API_TITLE="b24scribe",
+        API_VERSION=_version(),
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={
+            "info": {
+                "description": "Phone calls and their transcripts into Bitrix24. PBXs POST call events to "
+                "/hooks/pbx/{pbx}, speech-to-text vendors POST transcripts to /hooks/stt/{vendor}; a durable "
+                "outbox registers and finishes each call in Bitrix24 and attaches its transcript. The admin "
+                "API under /v1 shows calls and jobs and replays dead jobs.",
+            },
+        },
+    )
+    api = ScribeApi(app)
+    api.register_field(StartedAt, "string", "date-time")
+    for name, scheme in SECURITY_SCHEMES.items():
+        api.spec.components.security_scheme(name, scheme)
+    return api
+
+
+# -- the hooks: raw vendor bodies, documented here so handlers/hooks.py stays about behaviour ---------
+
+VendorBody = {
+    "type": "object",
+    "additionalProperties": True,
+    "description": "a vendor's own callback body, as the vendor sends it (see the README for each vendor)",
+}
+
+
+def _query(name: str, description: str, enum: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if enum:
+        schema["enum"] = enum
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+PORTAL_PARAMETER = _query("portal", "the Bitrix24 portal to deliver to, by name (B24SCRIBE_BITRIX24_PORTALS)")
+ROLES = ["caller", "callee", "user", "client"]
+STT_PARAMETERS = [
+    _query("pbx", "the PBX that reported the call (with `call`)"),
+    _query("call", "the PBX's call id (with `pbx`)"),
+    _query("b24_call_id", "a Bitrix24 CALL_ID of a call registered by something else"),
+    _query("channel", "the file holds this one channel of a stereo recording", ["0", "1"]),
+    _query("channel0", "who speaks on channel 0 (overrides B24SCRIBE_CHANNEL0)", ROLES),
+    _query("first_speaker", "who the first diarized speaker is (overrides B24SCRIBE_FIRST_SPEAKER)", ROLES),
+    _query("direction", "the call's direction, for a call registered by something else", ["inbound", "outbound"]),
+    PORTAL_PARAMETER,
+]
+HOOK_ERRORS = [
+    (401, "authentication failed (missing or wrong token or signature); nothing is stored"),
+    (403, "authentication failed (a vendor's own scheme refused the request); nothing is stored"),
+    (404, "no such vendor or PBX"),
+    (413, "the body is over the size limit (B24SCRIBE_MAX_BODY_BYTES, default 20 MiB)"),
+    (
+        422,
+        "the payload can never be processed: `fields` names each bad field; it is kept as a rejected event "
+        "(`fields.event_id`) to replay after a fix",
+    ),
+    (503, "hooks are disabled (no B24SCRIBE_INBOUND_TOKEN), or the event could not be stored: retry"),
+]
+
+HookView = TypeVar("HookView", bound=Callable[..., Any])
+
+
+def _document_hook(
+    bp: Blueprint, request_body: dict[str, Any], parameters: list[dict[str, Any]]
+) -> Callable[[HookView], HookView]:
+    def decorate(view: HookView) -> HookView:
+        view = bp.doc(security=INBOUND_SECURITY, requestBody=request_body, parameters=parameters)(view)
+        view = bp.response(202, EventStoredSchema, description="the event is durably stored")(view)
+        view = bp.alt_response(200, schema=EventStoredSchema, description="a duplicate of a stored event")(view)
+        for status, description in HOOK_ERRORS:
+            view = bp.alt_response(status, schema=ErrorSchema, description=description)(view)
+        return view
+
+    return decorate
+
+
+def document_stt_hook(bp: Blueprint) -> Callable[[HookView], HookView]:
+    """OpenAPI for `POST /hooks/stt/{vendor}`."""
+    body = {
+        "required": True,
+        "description": "`generic`: our transcript format; any other vendor: its own callback body, read raw",
+        "content": {"application/json": {"schema": {"oneOf": [GenericTranscriptSchema, VendorBody]}}},
+    }
+    return _document_hook(bp, body, STT_PARAMETERS)
+
+
+def document_pbx_hook(bp: Blueprint) -> Callable[[HookView], HookView]:
+    """OpenAPI for `POST /hooks/pbx/{pbx}`."""
+    body = {
+        "required": True,
+        "description": "`generic`: a JSON call event; `asterisk`: the same fields form-encoded (dialplan CURL()), "
+        "in the body or the query string",
+        "content": {
+            "application/json": {"schema": GenericCallEventSchema},
+            "application/x-www-form-urlencoded": {"schema": AsteriskCallEventSchema},
+        },
+    }
+    return _document_hook(bp, body, [PORTAL_PARAMETER])

@@ -1,0 +1,131 @@
+"""The admin API: an integrator finds a call by either id, sees the outbox, and replays dead jobs."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import create_app
+from b24scribe.db import Database
+from b24scribe.models import Job
+from b24scribe.settings import Settings
+from b24scribe.worker import Worker
+from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin
+from tests.fake_bitrix24 import FakeBitrix24
+from tests.operations import CALL_ID, SENTENCE, make_dead_attach, post_call, post_transcript
+
+
+def test_the_admin_api_is_disabled_without_an_admin_token(settings: Settings, db: Database) -> None:
+    client = create_app(settings.with_overrides(admin_token=None)).test_client()
+
+    response = client.get("/v1/jobs", headers=admin())
+
+    assert response.status_code == 403
+    assert response.get_json()["error"]["code"] == "admin_disabled"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {INBOUND_TOKEN}"},
+        {"X-Token": ADMIN_TOKEN},
+    ],
+)
+def test_the_admin_api_wants_the_admin_bearer_token(client: FlaskClient, headers: dict[str, str]) -> None:
+    response = client.get("/v1/jobs", headers=headers)
+
+    assert response.status_code == 401
+    error = response.get_json()["error"]
+    assert error["code"] == "unauthenticated"
+    assert ADMIN_TOKEN not in response.get_data(as_text=True)
+
+
+def test_the_admin_token_in_the_query_string_is_not_accepted(client: FlaskClient) -> None:
+    assert client.get(f"/v1/jobs?token={ADMIN_TOKEN}").status_code == 401
+
+
+def test_a_call_is_found_by_its_pbx_id_and_by_its_bitrix24_call_id(client: FlaskClient, worker: Worker) -> None:
+    post_call(client)
+    post_transcript(client)
+    worker.drain()
+
+    by_pbx = client.get(f"/v1/calls/generic/{quote(CALL_ID)}", headers=admin())
+    assert by_pbx.status_code == 200
+    call = by_pbx.get_json()
+    assert call["finished"] is True and call["registered"] is True
+    assert call["b24_call_id"]
+    assert [t["state"] for t in call["transcripts"]] == ["delivered"]
+    assert [job["kind"] for job in call["jobs"]] == ["register", "finish", "attach"]
+    assert {job["state"] for job in call["jobs"]} == {"done"}
+
+    by_b24 = client.get(f"/v1/calls/by-b24/{call['b24_call_id']}", headers=admin())
+    assert by_b24.status_code == 200
+    assert by_b24.get_json()["id"] == call["id"]
+
+
+def test_an_unknown_call_is_a_404_in_the_error_shape(client: FlaskClient) -> None:
+    for url in ("/v1/calls/generic/nope", "/v1/calls/by-b24/externalCall.nope"):
+        response = client.get(url, headers=admin())
+        assert response.status_code == 404
+        assert response.get_json()["error"]["code"] == "unknown_call"
+
+
+def test_the_outbox_lists_counts_and_jobs_by_state(
+    client: FlaskClient, worker: Worker, fake_bitrix24: FakeBitrix24
+) -> None:
+    make_dead_attach(client, worker, fake_bitrix24)
+
+    everything = client.get("/v1/jobs", headers=admin()).get_json()
+    assert everything["counts"] == {"done": 2, "dead": 1}
+    assert len(everything["jobs"]) == 3
+
+    dead = client.get("/v1/jobs?state=dead", headers=admin()).get_json()
+    assert [job["kind"] for job in dead["jobs"]] == ["attach"]
+    job = dead["jobs"][0]
+    assert set(job) == {"id", "kind", "state", "attempts", "next_attempt_at", "last_error", "call", "result"}
+    assert "Transcription is too long" in job["last_error"]
+
+    assert len(client.get("/v1/jobs?limit=1", headers=admin()).get_json()["jobs"]) == 1
+
+
+@pytest.mark.parametrize(("query", "field"), [("state=lost", "state"), ("limit=many", "limit")])
+def test_a_bad_outbox_query_is_a_422_naming_the_field(client: FlaskClient, query: str, field: str) -> None:
+    response = client.get(f"/v1/jobs?{query}", headers=admin())
+
+    assert response.status_code == 422
+    assert field in response.get_json()["error"]["fields"]
+
+
+def test_a_dead_job_is_replayed_and_delivered(
+    client: FlaskClient, worker: Worker, fake_bitrix24: FakeBitrix24, db: Database
+) -> None:
+    make_dead_attach(client, worker, fake_bitrix24)
+    dead_id = client.get("/v1/jobs?state=dead", headers=admin()).get_json()["jobs"][0]["id"]
+
+    response = client.post(f"/v1/jobs/{dead_id}/retry", headers=admin())
+
+    assert response.status_code == 202
+    assert response.get_json()["state"] == "pending"
+    assert response.get_json()["attempts"] == 0
+    worker.drain()
+    with db.read() as session:
+        assert session.get_one(Job, dead_id).state == "done"
+    sent = [request.params for request in fake_bitrix24.calls_to("telephony.call.attachTranscription")]
+    assert any(SENTENCE in str(params) for params in sent)
+
+
+def test_only_dead_jobs_are_replayed(client: FlaskClient, worker: Worker) -> None:
+    post_call(client)
+    worker.drain()
+    done_id = client.get("/v1/jobs?state=done", headers=admin()).get_json()["jobs"][0]["id"]
+
+    conflict = client.post(f"/v1/jobs/{done_id}/retry", headers=admin())
+    missing = client.post("/v1/jobs/999999/retry", headers=admin())
+
+    assert conflict.status_code == 409
+    assert conflict.get_json()["error"]["code"] == "not_dead"
+    assert missing.status_code == 404

@@ -1,0 +1,138 @@
+"""Graceful shutdown: SIGTERM lets the delivery in flight finish and be recorded, then exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from b24scribe import outbox
+from b24scribe.db import Database
+from b24scribe.models import Job, WorkerHeartbeat
+from b24scribe.settings import Settings
+from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, auth
+from tests.fake_bitrix24 import FakeBitrix24
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTACH = "telephony.call.attachTranscription"
+LEASE_SECONDS = 2.0
+TRANSCRIPT = {"segments": [{"start": 0.0, "end": 2.0, "text": "Thank you for calling.", "channel": 0}]}
+
+StartWorker = Callable[[], subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(settings: Settings, db: Database, tmp_path: Path) -> Iterator[StartWorker]:
+    """`flask worker` subprocesses on the test's database, each in its own process group."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "B24SCRIBE_DATABASE_URL": settings.database_url,
+            "B24SCRIBE_BITRIX24_WEBHOOK_URL": settings.bitrix24_webhook_url or "",
+            "B24SCRIBE_INBOUND_TOKEN": INBOUND_TOKEN,
+            "B24SCRIBE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "B24SCRIBE_LEASE_SECONDS": str(LEASE_SECONDS),
+            "B24SCRIBE_BITRIX24_TIMEOUT": "30",
+            "B24SCRIBE_RATE_PER_SECOND": "100",
+            "B24SCRIBE_RATE_BURST": "100",
+        }
+        log = (tmp_path / f"worker-{len(processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "app", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished_call(fake: FakeBitrix24) -> str:
+    registered = requests.post(
+        fake.webhook_url + "telephony.externalCall.register.json",
+        json={"USER_ID": 1, "PHONE_NUMBER": "+15550002222", "TYPE": 2, "EXTERNAL_CALL_ID": "shutdown-1"},
+        timeout=5,
+    ).json()
+    call_id = str(registered["result"]["CALL_ID"])
+    requests.post(
+        fake.webhook_url + "telephony.externalCall.finish.json",
+        json={"CALL_ID": call_id, "USER_ID": 1, "DURATION": 12},
+        timeout=5,
+    ).raise_for_status()
+    return call_id
+
+
+def test_sigterm_mid_delivery_lets_it_finish_and_be_recorded_then_exits_0(
+    client: FlaskClient, db: Database, fake_bitrix24: FakeBitrix24, start_worker: StartWorker
+) -> None:
+    call_id = finished_call(fake_bitrix24)
+    # The portal takes 4 s to answer - twice the lease: the lease must be renewed after SIGTERM.
+    fake_bitrix24.inject_slow(ATTACH, seconds=2 * LEASE_SECONDS)
+    answer = client.post(f"/hooks/stt/generic?b24_call_id={call_id}", json=TRANSCRIPT, headers=auth())
+    assert answer.status_code == 202
+
+    worker = start_worker()
+    wait_for(lambda: fake_bitrix24.calls_to(ATTACH), timeout=30, what="the attach request")
+    worker.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    # Meanwhile another worker's sweeper runs after the lease would have expired un-renewed.
+    time.sleep(LEASE_SECONDS * 1.5)
+    assert worker.poll() is None, "the worker waits for its delivery"
+    with db.write() as session:
+        assert outbox.reclaim_expired(session) == 0, "the lease is still renewed while the delivery finishes"
+
+    assert worker.wait(timeout=30) == 0
+    assert time.monotonic() - signalled < 2 * LEASE_SECONDS + 5
+    attachments = fake_bitrix24.attachments_by_call()[call_id]
+    assert len(attachments) == 1
+    with db.read() as session:
+        (job,) = session.scalars(select(Job).where(Job.kind == "attach")).all()
+        assert (job.state, job.lease_owner, job.attempts) == ("done", None, 0)
+        assert job.result is not None and job.result["TRANSCRIPT_ID"] == attachments[0]
+        assert session.scalars(select(WorkerHeartbeat)).all() == [], "the worker signed off"
+
+
+def test_sigterm_to_an_idle_worker_exits_0_at_once(
+    db: Database, fake_bitrix24: FakeBitrix24, start_worker: StartWorker
+) -> None:
+    worker = start_worker()
+
+    def heartbeat() -> bool:
+        with db.read() as session:
+            return bool(session.scalars(select(WorkerHeartbeat)).all())
+
+    wait_for(heartbeat, timeout=30, what="the worker's first heartbeat")
+    worker.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert worker.wait(timeout=15) == 0
+    assert time.monotonic() - started < 3
+    assert fake_bitrix24.requests == []
