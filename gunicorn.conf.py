@@ -8,10 +8,13 @@ from gunicorn.glogging import Logger
 from b24scribe.logging import build_formatter, redact
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104
-# Threads let one process's concurrent requests share a database commit (group commit).
+# Threads let one process's concurrent requests share a database commit (group commit): a hook
+# request spends most of its time waiting for that commit, so threads are cheap and many.
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("WEB_THREADS", "8"))
+threads = int(os.environ.get("WEB_THREADS", "32"))
+# The kernel spreads new connections over the workers (else one worker can take them all).
+reuse_port = True
 timeout = 30
 graceful_timeout = 30
 keepalive = 5

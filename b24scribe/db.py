@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import sqlite3
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,6 +50,37 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
 T = TypeVar("T")
 
 
+class WriteLock:
+    """One writer at a time across every process and thread using this SQLite file.
+
+    SQLite's own busy handler makes a waiting writer sleep in growing steps (up to 100 ms), so two
+    gunicorn processes contending for the write lock lose most of their time asleep. A blocking
+    flock on a file beside the database hands the lock over the moment it is free. Fails safe:
+    without the file lock, BEGIN IMMEDIATE and the busy timeout still serialise writers.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock for the duration of the block."""
+        if self._path is None:
+            yield
+            return
+        with self._thread_lock:
+            if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+                self._fd, self._pid = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 class GroupCommitter:
     """Runs concurrent requests' write transactions as one commit, each answered only after it.
 
@@ -58,15 +90,16 @@ class GroupCommitter:
     shared commit fails, every request in the batch gets the error (nothing acknowledged).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], max_batch: int = 64) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine, lock: WriteLock, max_batch: int = 64) -> None:
+        self._engine = engine
+        self._lock = lock
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], Future[Any]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._pid = os.getpid()
 
-    def run(self, work: Callable[[Session], T]) -> T:
+    def run(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in the next shared transaction and return its result after the commit."""
         self._ensure_thread()
         future: Future[T] = Future()
@@ -92,16 +125,21 @@ class GroupCommitter:
                     break
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
-            with self._sessions() as session, session.begin():
+            with self._lock.held(), self._engine.begin() as connection:
+                driver = connection.connection.driver_connection
+                assert driver is not None
                 for work, future in batch:
+                    # a raw SAVEPOINT per request: SQLAlchemy's nested transaction costs more than the insert
+                    driver.execute("SAVEPOINT request")
                     try:
-                        with session.begin_nested():
-                            outcomes.append((future, work(session), None))
+                        outcomes.append((future, work(connection), None))
                     except Exception as error:  # this request only: its savepoint is rolled back
+                        driver.execute("ROLLBACK TO request")
                         outcomes.append((future, None, error))
+                    driver.execute("RELEASE request")
         except Exception as error:
             for _work, future in batch:
                 future.set_exception(error)
@@ -130,20 +168,23 @@ class Database:
             self.read_engine = self.write_engine
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        database_file = make_url(url).database if self.is_sqlite else None
+        on_disk = database_file not in (None, "", ":memory:")
+        self._write_lock = WriteLock(f"{database_file}.write-lock" if on_disk else None)
         use_group_commit = self.is_sqlite if group_commit is None else group_commit
-        self._committer = GroupCommitter(self._write_sessions) if use_group_commit else None
+        self._committer = GroupCommitter(self.write_engine, self._write_lock) if use_group_commit else None
 
-    def transact(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in a write transaction and return its result once it is committed."""
+    def transact(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` (Core statements) in a write transaction; return its result once committed."""
         if self._committer is not None:
             return self._committer.run(work)
-        with self.write() as session:
-            return work(session)
+        with self._write_lock.held(), self.write_engine.begin() as connection:
+            return work(connection)
 
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back on any error."""
-        with self._write_sessions() as session, session.begin():
+        with self._write_lock.held(), self._write_sessions() as session, session.begin():
             yield session
 
     @contextmanager

@@ -1,23 +1,27 @@
-"""Storing what the hooks receive: the event, its call, its transcript and its jobs, in ONE transaction.
+"""Storing what the hooks receive, and folding it into calls, transcripts and jobs.
 
-Nothing is acknowledged before the commit (SPEC 5); a duplicate delivery finds the stored event
-through the unique dedupe key and creates no second job.
+A hook stores the raw event and one `apply` job in ONE transaction and answers only after the
+commit (SPEC 5); a duplicate delivery finds the stored event through the unique dedupe key and
+creates no second job. The worker then folds each stored event into its call (`fold_*`, called by
+`b24scribe.inbox`), where the register, finish, attach and fetch jobs are planned.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
 from b24scribe.db import Database
-from b24scribe.models import Call, InboundEvent, TranscriptPart
+from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
 from b24scribe.transcript import CallReference, Direction, Segment, VendorResult
 
 
@@ -77,9 +81,69 @@ class TranscriptOptions:
     direction: Direction | None = None
 
 
+_EVENT_COLUMNS = ("source", "provider", "dedupe_key", "received_at", "content_type", "query", "body", "state", "error")
+_APPLY_JOB = insert(Job).values(
+    kind="apply",
+    event_id=bindparam("event_id"),
+    state="pending",
+    attempts=0,
+    ambiguous=False,
+    next_attempt_at=bindparam("now"),
+    created_at=bindparam("now"),
+    updated_at=bindparam("now"),
+)
+_EXISTING = select(InboundEvent.id, InboundEvent.state, InboundEvent.error).where(
+    InboundEvent.source == bindparam("source"),
+    InboundEvent.provider == bindparam("provider"),
+    InboundEvent.dedupe_key == bindparam("dedupe_key"),
+)
+
+
+@functools.cache
+def _insert_event_statement(dialect: str) -> Any:
+    # Built once (the hot path of every hook): only the parameters change per request.
+    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert_for(InboundEvent)
+        .values({name: bindparam(name, type_=InboundEvent.__table__.c[name].type) for name in _EVENT_COLUMNS})
+        .on_conflict_do_nothing(index_elements=["source", "provider", "dedupe_key"])
+        .returning(InboundEvent.id)
+    )
+
+
+# The hooks' hot path on SQLite: the same two inserts as the Core statements, sent to the driver
+# directly (SQLAlchemy's per-statement overhead was most of an event's cost under load).
+_SQLITE_INSERT_EVENT = (
+    "INSERT INTO inbound_event (source, provider, dedupe_key, received_at, content_type, query, body, state, error)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider, dedupe_key) DO NOTHING RETURNING id"
+)
+_SQLITE_APPLY_JOB = (
+    "INSERT INTO job (kind, event_id, state, attempts, ambiguous, next_attempt_at, created_at, updated_at)"
+    " VALUES ('apply', ?, 'pending', 0, 0, ?, ?, ?)"
+)
+
+
 def _insert_event(
-    session: Session, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None, now: float
+    connection: Connection, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None, now: float
 ) -> int | None:
+    if connection.dialect.name == "sqlite":
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        row = driver.execute(
+            _SQLITE_INSERT_EVENT,
+            (
+                raw.source,
+                raw.provider,
+                key,
+                now,
+                raw.content_type,
+                json.dumps(raw.query),
+                raw.body,
+                state,
+                None if error is None else json.dumps(error),
+            ),
+        ).fetchone()
+        return None if row is None else int(row[0])
     values = {
         "source": raw.source,
         "provider": raw.provider,
@@ -91,37 +155,74 @@ def _insert_event(
         "state": state,
         "error": error,
     }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = (
-        insert(InboundEvent)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["source", "provider", "dedupe_key"])
-        .returning(InboundEvent.id)
-    )
-    return session.execute(statement).scalar_one_or_none()
+    statement = _insert_event_statement(connection.dialect.name)
+    event_id: int | None = connection.execute(statement, values).scalar_one_or_none()
+    return event_id
 
 
-def _existing(session: Session, raw: RawEvent, key: str) -> Outcome:
-    stored = session.scalars(
-        select(InboundEvent).where(
-            InboundEvent.source == raw.source, InboundEvent.provider == raw.provider, InboundEvent.dedupe_key == key
-        )
+def _insert_apply_job(connection: Connection, event_id: int, now: float) -> None:
+    if connection.dialect.name == "sqlite":
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        driver.execute(_SQLITE_APPLY_JOB, (event_id, now, now, now))
+        return
+    connection.execute(_APPLY_JOB, {"event_id": event_id, "now": now})
+
+
+def _existing(connection: Connection, raw: RawEvent, key: str) -> Outcome:
+    event_id, state, error = connection.execute(
+        _EXISTING, {"source": raw.source, "provider": raw.provider, "dedupe_key": key}
     ).one()
-    return Outcome(stored.id, True, stored.error if stored.state == "rejected" else None)
+    return Outcome(event_id, True, error if state == "rejected" else None)
 
 
 def store_rejected(db: Database, raw: RawEvent, error: dict[str, Any], natural_key: str | None = None) -> Outcome:
     """Keep an authenticated but unprocessable event so it can be replayed after a fix."""
     key = raw.dedupe_key(natural_key)
 
-    def store(session: Session) -> Outcome:
-        event_id = _insert_event(session, raw, key, "rejected", error, time.time())
+    def store(connection: Connection) -> Outcome:
+        event_id = _insert_event(connection, raw, key, "rejected", error, time.time())
         if event_id is None:
-            return _existing(session, raw, key)
+            return _existing(connection, raw, key)
         return Outcome(event_id, False, error)
 
     return db.transact(store)
+
+
+def store_event(db: Database, raw: RawEvent, key: str) -> Outcome:
+    """Store an accepted event and the outbox job that folds it into its call, in one commit.
+
+    This is all a hook does before it answers 202: two small inserts, group-committed with other
+    requests' on SQLite. The worker's `inbox.apply_pending` does the rest (call, transcript, jobs).
+    """
+
+    def store(connection: Connection) -> Outcome:
+        now = time.time()
+        event_id = _insert_event(connection, raw, key, "accepted", None, now)
+        if event_id is None:
+            return _existing(connection, raw, key)
+        _insert_apply_job(connection, event_id, now)
+        return Outcome(event_id, False)
+
+    return db.transact(store)
+
+
+def call_event_key(raw: RawEvent) -> str:
+    """A PBX event is the same event when it is the same delivery or the same bytes."""
+    return raw.dedupe_key(None)
+
+
+def transcript_key(raw: RawEvent, result: VendorResult, reference: CallReference, options: TranscriptOptions) -> str:
+    """A transcript is the same when it is the same delivery, the same vendor job (and channel),
+    or the same bytes for the same call."""
+    natural_key = f"{result.vendor_job_id}:{options.channel_slot}" if result.vendor_job_id else None
+    if natural_key and result.status == "fetch":
+        natural_key += ":fetch"
+    key = raw.dedupe_key(natural_key)
+    if raw.delivery_id is None and natural_key is None:
+        # "the same body for the same call": the hash alone would merge two calls' identical bodies
+        key = f"{key}:{reference.pbx or ''}:{reference.pbx_call_id or ''}:{reference.b24_call_id or ''}"[:200]
+    return key
 
 
 def _find_or_create_call(session: Session, portal: str, pbx: str, pbx_call_id: str, now: float) -> Call:
@@ -196,33 +297,24 @@ def merge_call_event(call: Call, event: CallEvent, now: float) -> None:
     call.updated_at = now
 
 
-def accept_call_event(db: Database, portal: str, raw: RawEvent, event: CallEvent) -> Outcome:
-    """Store a PBX event, fold it into its call and make sure register (and finish) are queued."""
-    key = raw.dedupe_key(None)
-
-    def store(session: Session) -> Outcome:
-        now = time.time()
-        event_id = _insert_event(session, raw, key, "accepted", None, now)
-        if event_id is None:
-            return _existing(session, raw, key)
-        call = _find_or_create_call(session, portal, raw.provider, event.call_id, now)
-        session.get_one(InboundEvent, event_id).call_id = call.id
-        merge_call_event(call, event, now)
-        if call.stage == "new" and outbox.open_job(session, call.id, "register") is None:
-            outbox.enqueue(session, "register", call_id=call.id, event_id=event_id, portal=call.portal, now=now)
-        if call.finish_reported and call.stage != "finished" and outbox.open_job(session, call.id, "finish") is None:
-            outbox.enqueue(
-                session,
-                "finish",
-                call_id=call.id,
-                event_id=event_id,
-                portal=call.portal,
-                waiting=call.stage != "registered",
-                now=now,
-            )
-        return Outcome(event_id, False)
-
-    return db.transact(store)
+def fold_call_event(session: Session, portal: str, event_id: int, pbx: str, event: CallEvent, now: float) -> Call:
+    """Fold a stored PBX event into its call and make sure register (and finish) are queued."""
+    call = _find_or_create_call(session, portal, pbx, event.call_id, now)
+    session.get_one(InboundEvent, event_id).call_id = call.id
+    merge_call_event(call, event, now)
+    if call.stage == "new" and outbox.open_job(session, call.id, "register") is None:
+        outbox.enqueue(session, "register", call_id=call.id, event_id=event_id, portal=call.portal, now=now)
+    if call.finish_reported and call.stage != "finished" and outbox.open_job(session, call.id, "finish") is None:
+        outbox.enqueue(
+            session,
+            "finish",
+            call_id=call.id,
+            event_id=event_id,
+            portal=call.portal,
+            waiting=call.stage != "registered",
+            now=now,
+        )
+    return call
 
 
 def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
@@ -230,60 +322,47 @@ def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
     return [[s.start, s.end, s.text, s.channel, s.speaker, s.side.value if s.side else None, s.glue] for s in segments]
 
 
-def accept_transcript(
-    db: Database,
+def fold_transcript(
+    session: Session,
     portal: str,
-    raw: RawEvent,
+    event_id: int,
+    vendor: str,
     result: VendorResult,
     reference: CallReference,
     options: TranscriptOptions,
-) -> Outcome:
-    """Store a transcript callback for its call and queue its attach (or its fetch)."""
-    natural_key = f"{result.vendor_job_id}:{options.channel_slot}" if result.vendor_job_id else None
-    if natural_key and result.status == "fetch":
-        natural_key += ":fetch"
-    key = raw.dedupe_key(natural_key)
-    if raw.delivery_id is None and natural_key is None:
-        # "the same body for the same call": the hash alone would merge two calls' identical bodies
-        key = f"{key}:{reference.pbx or ''}:{reference.pbx_call_id or ''}:{reference.b24_call_id or ''}"[:200]
-
-    def store(session: Session) -> Outcome:
-        now = time.time()
-        event_id = _insert_event(session, raw, key, "accepted", None, now)
-        if event_id is None:
-            return _existing(session, raw, key)
-        if reference.b24_call_id:
-            call = _find_or_create_external_call(session, portal, reference.b24_call_id, options.direction, now)
-        else:
-            assert reference.pbx and reference.pbx_call_id  # the view checked it
-            call = _find_or_create_call(session, portal, reference.pbx, reference.pbx_call_id, now)
-        session.get_one(InboundEvent, event_id).call_id = call.id
-        transcript = result.transcript
-        part = TranscriptPart(
-            call_id=call.id,
-            event_id=event_id,
-            vendor=raw.provider,
-            vendor_job_id=result.vendor_job_id,
-            status={"completed": "completed", "failed": "failed", "fetch": "fetching"}[result.status],
-            failure_reason=result.failure_reason,
-            channel_slot=options.channel_slot,
-            granularity=transcript.granularity if transcript else "segment",
-            segments=serialize_segments(transcript.segments) if transcript else None,
-            cost=transcript.cost if transcript else None,
-            cost_currency=transcript.cost_currency if transcript else None,
-            side_overrides=dict(options.side_overrides),
-            received_at=now,
-            delivery_state="failed" if result.status == "failed" else "queued",
-        )
-        session.add(part)
-        session.flush()
-        if result.status == "fetch":
-            outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
-        elif result.status == "completed":
-            queue_attach(session, call, event_id, now)
-        return Outcome(event_id, False)
-
-    return db.transact(store)
+    now: float,
+) -> Call:
+    """Store a transcript callback's result for its call and queue its attach (or its fetch)."""
+    if reference.b24_call_id:
+        call = _find_or_create_external_call(session, portal, reference.b24_call_id, options.direction, now)
+    else:
+        assert reference.pbx and reference.pbx_call_id  # intake.call_reference checked it
+        call = _find_or_create_call(session, portal, reference.pbx, reference.pbx_call_id, now)
+    session.get_one(InboundEvent, event_id).call_id = call.id
+    transcript = result.transcript
+    part = TranscriptPart(
+        call_id=call.id,
+        event_id=event_id,
+        vendor=vendor,
+        vendor_job_id=result.vendor_job_id,
+        status={"completed": "completed", "failed": "failed", "fetch": "fetching"}[result.status],
+        failure_reason=result.failure_reason,
+        channel_slot=options.channel_slot,
+        granularity=transcript.granularity if transcript else "segment",
+        segments=serialize_segments(transcript.segments) if transcript else None,
+        cost=transcript.cost if transcript else None,
+        cost_currency=transcript.cost_currency if transcript else None,
+        side_overrides=dict(options.side_overrides),
+        received_at=now,
+        delivery_state="failed" if result.status == "failed" else "queued",
+    )
+    session.add(part)
+    session.flush()
+    if result.status == "fetch":
+        outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
+    elif result.status == "completed":
+        queue_attach(session, call, event_id, now)
+    return call
 
 
 def queue_attach(session: Session, call: Call, event_id: int | None, now: float) -> None:

@@ -84,7 +84,8 @@ def claim_next(session: Session, owner: str, pace: Pace, is_postgres: bool, now:
     blocked_portal = exists().where(PortalPacing.portal == Job.portal, ratelimit.portal_blocked(now, pace))
     query = (
         select(Job)
-        .where(Job.state == "pending", Job.next_attempt_at <= now, ~blocked_portal)
+        # apply jobs are folded in batches by b24scribe.inbox, not claimed one by one
+        .where(Job.state == "pending", Job.next_attempt_at <= now, Job.kind != "apply", ~blocked_portal)
         .order_by(Job.next_attempt_at, Job.id)
         .limit(20)
     )

@@ -25,10 +25,11 @@ from b24scribe.ingest import (
     CallEvent,
     Outcome,
     RawEvent,
-    accept_call_event,
-    accept_transcript,
+    call_event_key,
     queue_attach,
     serialize_segments,
+    store_event,
+    transcript_key,
 )
 from b24scribe.intake import ParsedTranscript, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.models import Call, InboundEvent, TranscriptPart
@@ -84,10 +85,10 @@ def _parse(settings: Settings, raw: RawEvent) -> tuple[str, CallEvent | ParsedTr
     return portal, parse_transcript(raw.provider, raw.body, raw.query)
 
 
-def _store(db: Database, portal: str, raw: RawEvent, parsed: CallEvent | ParsedTranscript) -> Outcome:
+def _store(db: Database, raw: RawEvent, parsed: CallEvent | ParsedTranscript) -> Outcome:
     if isinstance(parsed, CallEvent):
-        return accept_call_event(db, portal, raw, parsed)
-    return accept_transcript(db, portal, raw, parsed.result, parsed.reference, parsed.options)
+        return store_event(db, raw, call_event_key(raw))
+    return store_event(db, raw, transcript_key(raw, parsed.result, parsed.reference, parsed.options))
 
 
 def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:
@@ -124,7 +125,7 @@ def _replay_rejected(db: Database, settings: Settings, event_id: int, raw: RawEv
         row.state, row.dedupe_key = "replaying", f"replaying:{event_id}"
         row.error = {**(row.error or {}), "dedupe_key": original_key}
     try:
-        outcome = _store(db, portal, raw, parsed)
+        outcome = _store(db, raw, parsed)
     except Exception:
         with db.write() as session:
             row = session.get_one(InboundEvent, event_id)

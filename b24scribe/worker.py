@@ -14,7 +14,7 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from b24scribe import metrics, outbox
+from b24scribe import inbox, metrics, outbox
 from b24scribe.db import Database, affected_rows
 from b24scribe.delivery import Deliverer
 from b24scribe.models import Call, Job, WorkerHeartbeat
@@ -54,7 +54,9 @@ class Worker:
             return outbox.claim_next(session, owner, self.pace, is_postgres=not self.db.is_sqlite)
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when nothing was due."""
+        """Fold newly stored events, else claim and run one job; False when nothing was due."""
+        if inbox.apply_pending(self.db, self.settings):
+            return True
         claim = self.claim()
         if claim is None:
             return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import structlog
@@ -31,7 +32,8 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(error.status, error.code, error.message, error.fields)
 
     @app.errorhandler(SQLAlchemyError)
-    def handle_storage_error(error: SQLAlchemyError) -> tuple[Response, int]:
+    @app.errorhandler(sqlite3.Error)  # the SQLite hot path talks to the driver directly
+    def handle_storage_error(error: Exception) -> tuple[Response, int]:
         # Fails closed: nothing was acknowledged, so the sender retries (SPEC 5).
         structlog.get_logger(__name__).error("storage failed", error=type(error).__name__)
         return error_response(503, "storage_unavailable", "the service could not store the request; retry later")

@@ -11,13 +11,7 @@ from marshmallow import ValidationError
 
 from b24scribe.db import Database
 from b24scribe.inbound_auth import Authenticated, AuthFailure, authenticate
-from b24scribe.ingest import (
-    Outcome,
-    RawEvent,
-    accept_call_event,
-    accept_transcript,
-    store_rejected,
-)
+from b24scribe.ingest import Outcome, RawEvent, call_event_key, store_event, store_rejected, transcript_key
 from b24scribe.intake import PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
@@ -46,7 +40,7 @@ def _db() -> Database:
     return db
 
 
-def _authenticate(provider: str, body: bytes, vendor_header: str | None = None) -> Authenticated:
+def _authenticate(source: str, provider: str, body: bytes, vendor_header: str | None = None) -> Authenticated:
     try:
         return authenticate(
             _settings(),
@@ -57,7 +51,7 @@ def _authenticate(provider: str, body: bytes, vendor_header: str | None = None) 
             standard_webhooks=provider in STANDARD_WEBHOOK_SOURCES,
         )
     except AuthFailure as failure:
-        current_app.extensions["b24scribe.metrics"].rejected(request.blueprint or "hooks", provider, failure.code)
+        current_app.extensions["b24scribe.metrics"].rejected(source, provider, failure.code)
         raise ApiError(failure.status, failure.code, failure.message) from None
 
 
@@ -77,7 +71,8 @@ def _answer(outcome: Outcome, source: str, provider: str) -> tuple[Response, int
         )
     metrics.received(source, provider, "duplicate" if outcome.duplicate else "accepted")
     structlog.contextvars.bind_contextvars(event_id=outcome.event_id)
-    log.info("event stored", source=source, provider=provider, duplicate=outcome.duplicate)
+    # debug: the access log already has a line per request; this one adds the event id when asked
+    log.debug("event stored", source=source, provider=provider, duplicate=outcome.duplicate)
     body = jsonify({"event_id": outcome.event_id, "duplicate": outcome.duplicate})
     return body, 200 if outcome.duplicate else 202
 
@@ -97,15 +92,15 @@ def stt_hook(vendor: str) -> tuple[Response, int]:
     if adapter is None:
         raise ApiError(404, "unknown_vendor", f"no STT vendor {vendor!r}; known: {', '.join(sorted(STT_VENDORS))}")
     body = request.get_data(cache=False)
-    auth = _authenticate(vendor, body, adapter.auth_header)
+    auth = _authenticate("stt", vendor, body, adapter.auth_header)
     raw = RawEvent("stt", vendor, body, _query_without_token(), request.content_type, auth.delivery_id)
     try:
-        portal = resolve_portal(_settings(), request.args)
+        resolve_portal(_settings(), request.args)  # an unknown ?portal= is a 422 now, not a dead job later
         parsed = parse_transcript(vendor, body, request.args)
     except ValidationError as error:
         messages = error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
         raise _reject(raw, messages, "the transcript cannot be processed: see fields") from None
-    outcome = accept_transcript(_db(), portal, raw, parsed.result, parsed.reference, parsed.options)
+    outcome = store_event(_db(), raw, transcript_key(raw, parsed.result, parsed.reference, parsed.options))
     return _answer(outcome, "stt", vendor)
 
 
@@ -116,14 +111,14 @@ def pbx_hook(pbx: str) -> tuple[Response, int]:
     if pbx not in PBX_PARSERS:
         raise ApiError(404, "unknown_pbx", f"no PBX {pbx!r}; known: {', '.join(sorted(PBX_PARSERS))}")
     body = request.get_data(cache=False)
-    auth = _authenticate(pbx, body)
+    auth = _authenticate("pbx", pbx, body)
     raw = RawEvent("pbx", pbx, body, _query_without_token(), request.content_type, auth.delivery_id)
     try:
-        portal = resolve_portal(_settings(), request.args)
+        resolve_portal(_settings(), request.args)
         event = parse_call_event(pbx, body, request.args)
     except ValidationError as error:
         messages = error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
         raise _reject(raw, messages, "the call event cannot be processed: see fields") from None
     structlog.contextvars.bind_contextvars(pbx=pbx, pbx_call_id=event.call_id)
-    outcome = accept_call_event(_db(), portal, raw, event)
+    outcome = store_event(_db(), raw, call_event_key(raw))
     return _answer(outcome, "pbx", pbx)

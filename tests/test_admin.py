@@ -80,8 +80,8 @@ def test_the_outbox_lists_counts_and_jobs_by_state(
     make_dead_attach(client, worker, fake_bitrix24)
 
     everything = client.get("/v1/jobs", headers=admin()).get_json()
-    assert everything["counts"] == {"done": 2, "dead": 1}
-    assert len(everything["jobs"]) == 3
+    assert everything["counts"] == {"done": 4, "dead": 1}  # 2 events folded, register, finish
+    assert len(everything["jobs"]) == 5
 
     dead = client.get("/v1/jobs?state=dead", headers=admin()).get_json()
     assert [job["kind"] for job in dead["jobs"]] == ["attach"]

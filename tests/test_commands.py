@@ -157,7 +157,7 @@ def test_jobs_list_shows_dead_jobs_with_their_reason(
 
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0] == "counts: dead=1, done=2"
+    assert lines[0] == "counts: dead=1, done=4"  # two stored events folded, register, finish
     assert len(lines) == 2
     assert "\tattach\tdead\tattempts=0\t" in lines[1]
     assert "Transcription is too long for this portal" in lines[1]

@@ -13,9 +13,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 
 from app import create_app
+from b24scribe import inbox
 from b24scribe.db import Database
 from b24scribe.models import InboundEvent, Job, TranscriptPart
 from b24scribe.settings import Settings
+from b24scribe.worker import Worker
 from tests.conftest import INBOUND_TOKEN, auth, sign_standard_webhook
 
 TRANSCRIPT = {
@@ -111,8 +113,8 @@ class TestAuthentication:
 
 
 class TestStorage:
-    def test_an_accepted_transcript_is_stored_with_its_raw_body_and_one_job(
-        self, client: FlaskClient, database: Database
+    def test_an_accepted_transcript_is_stored_with_its_raw_body_and_its_job_in_one_commit(
+        self, client: FlaskClient, database: Database, worker: Worker
     ) -> None:
         body = json.dumps(TRANSCRIPT).encode()
         response = client.post(URL, data=body, headers={**auth(), "Content-Type": "application/json"})
@@ -124,17 +126,25 @@ class TestStorage:
             assert event.body == body
             assert event.state == "accepted"
             jobs = list(session.scalars(select(Job)))
-            assert [(job.kind, job.state) for job in jobs] == [("attach", "pending")]
+            assert [(job.kind, job.state, job.event_id) for job in jobs] == [("apply", "pending", event.id)]
+
+        inbox.apply_pending(database, worker.settings)  # the worker folds it into its call
+
+        with database.read() as session:
+            jobs = list(session.scalars(select(Job).order_by(Job.id)))
+            assert [(job.kind, job.state) for job in jobs] == [("apply", "done"), ("attach", "pending")]
+            assert count(database, TranscriptPart) == 1
 
     def test_the_same_body_for_the_same_call_is_a_duplicate_with_no_second_job(
-        self, client: FlaskClient, database: Database
+        self, client: FlaskClient, database: Database, worker: Worker
     ) -> None:
         first = client.post(URL, json=TRANSCRIPT, headers=auth())
         second = client.post(URL, json=TRANSCRIPT, headers=auth())
         assert first.status_code == 202
         assert second.status_code == 200
         assert second.json == {"event_id": first.json["event_id"], "duplicate": True}  # type: ignore[index]
-        assert count(database, Job) == 1
+        inbox.apply_pending(database, worker.settings)
+        assert count(database, Job) == 2  # one apply, one attach
         assert count(database, TranscriptPart) == 1
 
     def test_the_same_body_for_another_call_is_not_a_duplicate(self, client: FlaskClient, database: Database) -> None:

@@ -172,12 +172,12 @@ def test_a_real_gunicorn_and_worker_log_no_secret(tmp_path: Path, database_url: 
             assert requests.get(f"{url}/v1/jobs", headers=admin(), timeout=10).status_code == 200
             browser = requests.Session()
             assert browser.post(f"{url}/status/login", data={"token": ADMIN_TOKEN}, timeout=10).status_code == 200
-            assert browser.get(f"{url}/status/calls/1", timeout=10).status_code == 200
 
             def delivered() -> bool:
                 return bool(fake.calls_to("telephony.call.attachTranscription"))
 
             wait_until(delivered, timeout=60, message="the transcript to reach the fake Bitrix24")
+            assert browser.get(f"{url}/status/calls/1", timeout=10).status_code == 200
             wait_until(lambda: "bitrix24 error" in stack.output(), message="the failed delivery to be logged")
         output = stack.output()
 

@@ -65,7 +65,7 @@ def test_events_received_are_counted_by_source_provider_and_outcome(client: Flas
 
 
 def test_refused_requests_are_counted_by_reason(client: FlaskClient) -> None:
-    bad = Delta("b24scribe_rejections_total", source="hooks", provider="generic", reason="bad_credentials")
+    bad = Delta("b24scribe_rejections_total", source="pbx", provider="generic", reason="bad_credentials")
 
     client.post("/hooks/pbx/generic", json=FINISHED, headers=auth("not-the-token"))
 
@@ -128,7 +128,7 @@ def test_the_queue_gauges_come_from_the_database(
     samples = scrape(client)
 
     assert samples[("b24scribe_jobs", (("state", "dead"),))] == 1
-    assert samples[("b24scribe_jobs", (("state", "done"),))] == 2
+    assert samples[("b24scribe_jobs", (("state", "done"),))] == 4  # 2 events folded, register, finish
     assert samples[("b24scribe_jobs", (("state", "pending"),))] == 1
     assert samples[("b24scribe_jobs", (("state", "leased"),))] == 0
     assert samples[("b24scribe_oldest_due_job_age_seconds", ())] >= 0
@@ -198,7 +198,7 @@ def test_metrics_merge_every_gunicorn_worker_and_the_delivery_worker(
 
         def delivered() -> bool:
             text = session.get(f"{stack.url}/metrics", timeout=10).text
-            return 'b24scribe_jobs{state="done"} 24.0' in text
+            return 'b24scribe_jobs{state="done"} 36.0' in text  # per call: fold the event, register, finish
 
         wait_until(delivered, timeout=60, message="every call registered and finished")
         text = session.get(f"{stack.url}/metrics", timeout=10).text

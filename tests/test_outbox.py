@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
 from app import create_app
-from b24scribe import outbox, ratelimit
+from b24scribe import inbox, outbox, ratelimit
 from b24scribe.db import Database
 from b24scribe.models import AttachLedger, Job, PortalPacing
 from b24scribe.outbox import Claim
@@ -665,6 +665,7 @@ def test_a_worker_whose_job_was_reclaimed_while_it_stalled_does_not_send(
     db: Database = app.extensions["b24scribe.db"]
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
+    inbox.apply_pending(db, worker.settings)  # fold the stored event: its attach job is queued
     stalled = worker.claim()
     assert stalled is not None
     later = time.time() + worker.settings.lease_seconds + 1
