@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # unwinds the context managers: processes are killed
 
     signal.signal(signal.SIGTERM, interrupted)
-    config = PacingConfig(
-        portals=args.portals, per_portal=args.per_portal, workers=args.workers, threads=args.threads
-    )
+    config = PacingConfig(portals=args.portals, per_portal=args.per_portal, workers=args.workers, threads=args.threads)
     failed = False
     for backend in backends() if args.backend == "all" else [args.backend]:
         result = run_backend(backend, config)

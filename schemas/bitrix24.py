@@ -177,10 +177,7 @@ def _group_words(transcript: Transcript, rules: SideRules) -> list[_Draft]:
             current = [word.start, word.end, side, [text]]
             open_by_side[side] = current
             opened.append(current)
-    return [
-        (start, end, side, _collapse_whitespace("".join(parts)))
-        for start, end, side, parts in opened
-    ]
+    return [(start, end, side, _collapse_whitespace("".join(parts))) for start, end, side, parts in opened]
 
 
 def _collapse_whitespace(text: str) -> str:
@@ -324,9 +321,7 @@ class MessageSchema(Schema):
         required=True,
         strict=True,
         validate=validate.Range(min=1),
-        metadata={
-            "description": "Whole seconds from the start of the call, rounded up; > START_TIME."
-        },
+        metadata={"description": "Whole seconds from the start of the call, rounded up; > START_TIME."},
     )
     MESSAGE = fields.String(
         required=True,
