@@ -41,6 +41,9 @@ def fold_event(session: Session, settings: Settings, event: InboundEvent, now: f
 
 def apply_pending(db: Database, settings: Settings, limit: int = BATCH) -> int:
     """Fold up to `limit` stored events, oldest first, in one transaction; how many were taken."""
+    with db.read() as session:  # the idle loop asks often: don't take the write lock for nothing
+        if session.scalar(select(Job.id).where(Job.state == "pending", Job.kind == "apply").limit(1)) is None:
+            return 0
     with db.write() as session:
         query = select(Job).where(Job.kind == "apply", Job.state == "pending").order_by(Job.id).limit(limit)
         if not db.is_sqlite:
