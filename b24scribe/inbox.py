@@ -17,6 +17,7 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from b24scribe import outbox
 from b24scribe.db import Database
 from b24scribe.ingest import fold_call_event, fold_transcript
 from b24scribe.intake import parse_call_event, parse_transcript, resolve_portal
@@ -42,10 +43,12 @@ def fold_event(session: Session, settings: Settings, event: InboundEvent, now: f
 def apply_pending(db: Database, settings: Settings, limit: int = BATCH) -> int:
     """Fold up to `limit` stored events, oldest first, in one transaction; how many were taken."""
     with db.read() as session:  # the idle loop asks often: don't take the write lock for nothing
-        if session.scalar(select(Job.id).where(Job.state == "pending", Job.kind == "apply").limit(1)) is None:
+        due = (Job.state == "pending", Job.kind == "apply", Job.next_attempt_at <= time.time())
+        if session.scalar(select(Job.id).where(*due).limit(1)) is None:
             return 0
     with db.write() as session:
-        query = select(Job).where(Job.kind == "apply", Job.state == "pending").order_by(Job.id).limit(limit)
+        due = (Job.state == "pending", Job.kind == "apply", Job.next_attempt_at <= time.time())
+        query = select(Job).where(*due).order_by(Job.id).limit(limit)
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         jobs = list(session.scalars(query))
@@ -61,6 +64,15 @@ def apply_pending(db: Database, settings: Settings, limit: int = BATCH) -> int:
                 reason = error.messages if isinstance(error, ValidationError) else str(error)
                 job.state, job.last_error = "dead", f"the stored event can no longer be read: {reason}"
                 log.error("stored event unreadable", event_id=job.event_id)
+            except Exception as error:  # a bug or a passing failure: never block the events behind it
+                job.attempts += 1
+                delay = outbox.retry_delay(job.attempts, schedule=settings.retry_schedule)
+                job.last_error = f"folding the event failed: {type(error).__name__}"
+                if delay is None:
+                    job.state = "dead"
+                else:
+                    job.next_attempt_at = now + delay
+                log.exception("folding a stored event failed", event_id=job.event_id)
             else:
                 job.state = "done"
             job.updated_at = now

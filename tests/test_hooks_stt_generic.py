@@ -239,3 +239,33 @@ class TestValidation:
 
     def test_an_unknown_vendor_is_404(self, client: FlaskClient) -> None:
         assert client.post("/hooks/stt/nosuchvendor", json=TRANSCRIPT, headers=auth()).status_code == 404
+
+
+def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_the_others(
+    client: FlaskClient, database: Database, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from b24scribe import ingest
+
+    client.post(URL, json=TRANSCRIPT, headers=auth())
+    client.post("/hooks/stt/generic?b24_call_id=externalCall.next.2", json=TRANSCRIPT, headers=auth())
+    real_fold = ingest.fold_transcript
+    calls = {"n": 0}
+
+    def fail_first(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the fold")
+        return real_fold(*args, **kwargs)
+
+    monkeypatch.setattr("b24scribe.inbox.fold_transcript", fail_first)
+    assert inbox.apply_pending(database, worker.settings) == 2
+    with database.read() as session:
+        applies = list(session.scalars(select(Job).where(Job.kind == "apply").order_by(Job.id)))
+        assert [(job.state, job.attempts) for job in applies] == [("pending", 1), ("done", 0)]
+        assert applies[0].last_error == "folding the event failed: RuntimeError"
+        assert applies[0].next_attempt_at > time.time()  # backs off instead of spinning
+        retried = applies[0].id
+    with database.write() as session:
+        session.get_one(Job, retried).next_attempt_at = 0
+    assert inbox.apply_pending(database, worker.settings) == 1
+    assert count(database, TranscriptPart) == 2
