@@ -130,3 +130,22 @@ def sign_standard_webhook(
     moment = datetime.fromtimestamp(timestamp if timestamp is not None else time.time(), UTC)
     signature = Webhook(secret).sign(msg_id, moment, body.decode())
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(moment.timestamp())), "webhook-signature": signature}
+
+
+def finished_call(webhook_url: str, phone: str = "+15551234567") -> str:
+    """Register and finish a call on a (fake) portal directly, as another integration would; its CALL_ID."""
+    import requests
+
+    with requests.Session() as http:
+        registered = http.post(
+            webhook_url + "telephony.externalCall.register.json",
+            json={"USER_ID": 1, "PHONE_NUMBER": phone, "TYPE": 2, "EXTERNAL_CALL_ID": f"other-{time.time_ns()}"},
+            timeout=5,
+        ).json()
+        call_id = str(registered["result"]["CALL_ID"])
+        http.post(
+            webhook_url + "telephony.externalCall.finish.json",
+            json={"CALL_ID": call_id, "USER_ID": 1, "DURATION": 42},
+            timeout=5,
+        ).raise_for_status()
+    return call_id

@@ -15,26 +15,10 @@ import requests
 
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
-from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth
+from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def finished_call(fake: FakeBitrix24, phone: str = "+15551234567") -> str:
-    """Register and finish a call on the fake portal as another integration would; its CALL_ID."""
-    registered = requests.post(
-        fake.webhook_url + "telephony.externalCall.register.json",
-        json={"USER_ID": 1, "PHONE_NUMBER": phone, "TYPE": 2, "EXTERNAL_CALL_ID": f"other-{time.time_ns()}"},
-        timeout=5,
-    ).json()
-    call_id = str(registered["result"]["CALL_ID"])
-    requests.post(
-        fake.webhook_url + "telephony.externalCall.finish.json",
-        json={"CALL_ID": call_id, "USER_ID": 1, "DURATION": 42},
-        timeout=5,
-    ).raise_for_status()
-    return call_id
 
 
 TRANSCRIPT = {
@@ -58,7 +42,7 @@ EXPECTED_MESSAGES = [
 def test_a_generic_transcript_reaches_bitrix24_once_and_the_call_shows_its_transcript_id(
     live_url: str, worker: Worker, fake_bitrix24: FakeBitrix24
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
 
     posted = requests.post(f"{live_url}/hooks/stt/generic?b24_call_id={call_id}", json=TRANSCRIPT, headers=auth())
     assert posted.status_code == 202
@@ -177,7 +161,7 @@ def test_a_job_survives_a_worker_killed_mid_delivery_and_is_delivered_once(
     worker_process: Callable[[], subprocess.Popen[bytes]],
     statistics_visible: bool,
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     fake_bitrix24.configure(deny_statistics=not statistics_visible)
     # The portal takes the transcript, then answers only after 3 s: the worker dies in between.
     fake_bitrix24.inject_slow("telephony.call.attachTranscription", seconds=3.0)

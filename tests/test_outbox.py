@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
@@ -24,7 +23,7 @@ from b24scribe.outbox import Claim
 from b24scribe.ratelimit import Pace
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
-from tests.conftest import admin, auth
+from tests.conftest import admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
 ATTACH = "telephony.call.attachTranscription"
@@ -383,23 +382,6 @@ def test_a_paused_portal_is_not_claimed_until_the_pause_ends(db: Database) -> No
 
 
 # --- delivery: throttling, permanent errors, the ledger --------------------------------------
-
-
-def finished_call(webhook_url: str) -> str:
-    """Register and finish a call on a fake portal directly (as another integration would)."""
-    with requests.Session() as http:
-        registered = http.post(
-            webhook_url + "telephony.externalCall.register.json",
-            json={"USER_ID": 1, "PHONE_NUMBER": "+15550001111", "TYPE": 2, "EXTERNAL_CALL_ID": f"x-{time.time_ns()}"},
-            timeout=5,
-        ).json()
-        call_id = str(registered["result"]["CALL_ID"])
-        http.post(
-            webhook_url + "telephony.externalCall.finish.json",
-            json={"CALL_ID": call_id, "USER_ID": 1, "DURATION": 30},
-            timeout=5,
-        ).raise_for_status()
-    return call_id
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
@@ -19,7 +18,7 @@ from b24scribe import outbox
 from b24scribe.db import Database
 from b24scribe.models import Job, WorkerHeartbeat
 from b24scribe.settings import Settings
-from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, auth
+from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,25 +74,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def finished_call(fake: FakeBitrix24) -> str:
-    registered = requests.post(
-        fake.webhook_url + "telephony.externalCall.register.json",
-        json={"USER_ID": 1, "PHONE_NUMBER": "+15550002222", "TYPE": 2, "EXTERNAL_CALL_ID": "shutdown-1"},
-        timeout=5,
-    ).json()
-    call_id = str(registered["result"]["CALL_ID"])
-    requests.post(
-        fake.webhook_url + "telephony.externalCall.finish.json",
-        json={"CALL_ID": call_id, "USER_ID": 1, "DURATION": 12},
-        timeout=5,
-    ).raise_for_status()
-    return call_id
-
-
 def test_sigterm_mid_delivery_lets_it_finish_and_be_recorded_then_exits_0(
     client: FlaskClient, db: Database, fake_bitrix24: FakeBitrix24, start_worker: StartWorker
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     # The portal takes 4 s to answer - twice the lease: the lease must be renewed after SIGTERM.
     fake_bitrix24.inject_slow(ATTACH, seconds=2 * LEASE_SECONDS)
     answer = client.post(f"/hooks/stt/generic?b24_call_id={call_id}", json=TRANSCRIPT, headers=auth())

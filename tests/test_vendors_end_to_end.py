@@ -14,10 +14,9 @@ from flask import Flask
 from app import create_app
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
-from tests.conftest import admin, auth
+from tests.conftest import admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_vendor_api import FakeVendorApi
-from tests.test_end_to_end import finished_call
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STEREO_SUPPORT_CALL = [  # channel 0 the caller (the client), channel 1 the employee
@@ -77,7 +76,7 @@ def state(vendor_app: Flask, call_id: str) -> dict[str, Any]:
 
 
 def test_deepgram_stereo_callback(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     response = post("deepgram", fixture("deepgram/multichannel_utterances.json"), f"b24_call_id={call_id}")
     assert response.status_code == 202
     drain()
@@ -90,7 +89,7 @@ def test_deepgram_stereo_callback(post: Any, drain: Any, fake_bitrix24: FakeBitr
 
 
 def test_deepgram_retries_are_deduplicated_by_request_id(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     body = fixture("deepgram/multichannel_utterances.json")
     assert post("deepgram", body, f"b24_call_id={call_id}").status_code == 202
     again = post("deepgram", body, f"b24_call_id={call_id}")
@@ -100,7 +99,7 @@ def test_deepgram_retries_are_deduplicated_by_request_id(post: Any, drain: Any, 
 
 
 def test_deepgram_words_with_the_call_in_metadata_extra(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     body = fixture("deepgram/diarized_mono_words.json").replace(
         b"externalCall.716f1cb73def9700a23842adf9c4c568.1773130779", call_id.encode()
     )
@@ -141,7 +140,7 @@ def test_a_mono_deepgram_transcript_without_speakers_is_422_saying_what_to_chang
 def test_assemblyai_webhook_fetches_the_transcript_from_the_configured_api(
     post: Any, drain: Any, fake_bitrix24: FakeBitrix24, fake_vendor_api: FakeVendorApi
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     transcript_id = "5552493-16d8-42d8-8feb-c2a16b56f6e8"
     fake_vendor_api.serve(f"/v2/transcript/{transcript_id}", fixture("assemblyai/transcript_multichannel.json"))
     # AssemblyAI's custom auth header carries the inbound token
@@ -200,7 +199,7 @@ def test_revai_stereo_job_for_an_asterisk_call(
 
 
 def test_speechmatics_channel_labels(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     body = fixture("speechmatics/channel_labels.json").replace(
         b"externalCall.716f1cb73def9700a23842adf9c4c568.1773130779", call_id.encode()
     )
@@ -215,7 +214,7 @@ def test_speechmatics_channel_labels(post: Any, drain: Any, fake_bitrix24: FakeB
 def test_openai_one_file_per_channel_is_attached_as_one_transcript(
     post: Any, drain: Any, fake_bitrix24: FakeBitrix24
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     assert (
         post("openai", fixture("openai/verbose_json_channel0.json"), f"b24_call_id={call_id}&channel=0").status_code
         == 202
@@ -236,7 +235,7 @@ def test_openai_one_file_per_channel_is_attached_as_one_transcript(
 def test_a_second_channel_arriving_after_delivery_replaces_the_transcript_with_both(
     post: Any, drain: Any, fake_bitrix24: FakeBitrix24
 ) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     post("openai", fixture("openai/verbose_json_channel0.json"), f"b24_call_id={call_id}&channel=0")
     drain()
     post("openai", fixture("openai/verbose_json_channel1.json"), f"b24_call_id={call_id}&channel=1")
@@ -246,7 +245,7 @@ def test_a_second_channel_arriving_after_delivery_replaces_the_transcript_with_b
 
 
 def test_whispercpp_stereo_diarize(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     assert (
         post("whispercpp", fixture("whispercpp/stereo_diarize.json"), f"b24_call_id={quote(call_id)}").status_code
         == 202
@@ -261,7 +260,7 @@ def test_whispercpp_stereo_diarize(post: Any, drain: Any, fake_bitrix24: FakeBit
 
 
 def test_fasterwhisper_segments_for_one_channel(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     assert (
         post(
             "fasterwhisper", fixture("fasterwhisper/segments_list.json"), f"b24_call_id={call_id}&channel=1"
@@ -276,7 +275,7 @@ def test_fasterwhisper_segments_for_one_channel(post: Any, drain: Any, fake_bitr
 
 
 def test_a_per_url_override_swaps_the_channels(post: Any, drain: Any, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     body = fixture("deepgram/multichannel_utterances.json")
     assert post("deepgram", body, f"b24_call_id={call_id}&channel0=user").status_code == 202
     drain()
@@ -285,7 +284,7 @@ def test_a_per_url_override_swaps_the_channels(post: Any, drain: Any, fake_bitri
 
 
 def test_the_live_http_path_works_for_a_vendor(live_url: str, worker: Worker, fake_bitrix24: FakeBitrix24) -> None:
-    call_id = finished_call(fake_bitrix24)
+    call_id = finished_call(fake_bitrix24.webhook_url)
     response = requests.post(
         f"{live_url}/hooks/stt/deepgram?b24_call_id={call_id}",
         data=fixture("deepgram/multichannel_utterances.json"),
