@@ -269,3 +269,18 @@ def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_t
         session.get_one(Job, retried).next_attempt_at = 0
     assert inbox.apply_pending(database, worker.settings) == 1
     assert count(database, TranscriptPart) == 2
+
+
+def test_a_stored_event_that_can_no_longer_be_read_is_a_dead_apply_job_with_the_reason(
+    client: FlaskClient, database: Database, worker: Worker
+) -> None:
+    event_id = client.post(URL, json=TRANSCRIPT, headers=auth()).json["event_id"]  # type: ignore[index]
+    with database.write() as session:  # as if the parser changed since the event was accepted
+        session.get_one(InboundEvent, event_id).body = b'{"segments": []}'
+    assert inbox.apply_pending(database, worker.settings) == 1
+    with database.read() as session:
+        job = session.scalars(select(Job).where(Job.kind == "apply")).one()
+        assert job.state == "dead"
+        assert job.last_error is not None and job.last_error.startswith("the stored event can no longer be read")
+        assert "segments" in job.last_error
+    assert count(database, TranscriptPart) == 0
