@@ -109,7 +109,7 @@ def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:
 
 def _replay_rejected(db: Database, settings: Settings, event_id: int, raw: RawEvent) -> Replayed:
     try:
-        portal, parsed = _parse(settings, raw)
+        _portal, parsed = _parse(settings, raw)  # an unknown ?portal= is still a rejection
     except (KeyError, ValidationError) as error:
         fields = _messages(error) if isinstance(error, ValidationError) else {"_source": [f"unknown {raw.provider!r}"]}
         with db.write() as session:

@@ -11,7 +11,6 @@ once an item has failed, so valid payloads pay for nothing else.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
@@ -20,6 +19,7 @@ from urllib.parse import parse_qsl
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
 from b24scribe.transcript import CallReference, Segment
+from schemas.source import load_json
 
 FieldPath = tuple[str | int, ...]
 Kind = Literal["seconds", "milliseconds", "text", "index", "label"]
@@ -145,14 +145,6 @@ def field_error(path: FieldPath, message: str) -> ValidationError:
     for key in reversed(path):
         messages = {key: messages}
     return ValidationError(messages)
-
-
-def load_json(raw_body: bytes) -> Any:
-    """The decoded JSON body; a ValidationError on `_schema` when it is not JSON."""
-    try:
-        return json.loads(raw_body)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and bad UTF-8 are ValueErrors
-        raise ValidationError({"_schema": [f"The body is not valid JSON ({type(error).__name__})."]}) from None
 
 
 def load_json_object(raw_body: bytes) -> dict[str, Any]:

@@ -62,7 +62,7 @@ GENERIC_TRANSCRIPT = GenericTranscriptSchema()
 
 def parse(raw_body: bytes, query: Mapping[str, str]) -> VendorResult:
     """Read a generic transcript callback."""
-    data = GENERIC_TRANSCRIPT.load(load_json(raw_body))  # type: ignore[arg-type]
+    data = GENERIC_TRANSCRIPT.load(load_json(raw_body))
     channel = query.get("channel")
     segments: list[Segment] = data["segments"]
     if channel is not None and channel.isdigit():

@@ -44,10 +44,9 @@ from schemas._vendor_payload import (
     VendorSchema,
     channel_from_query,
     kind_problem,
-    load_json,
     new_segment,
 )
-from schemas.source import SttVendor
+from schemas.source import SttVendor, load_json
 
 # whisper.cpp --diarize: which stereo channel was louder over the segment.
 _WHISPERCPP_CHANNELS = {"0": 0, "1": 1}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import ValidationError
 
 from b24scribe.transcript import VendorResult
 
@@ -38,13 +42,9 @@ class SttVendor:
     auth_header: str | None = None
 
 
-def load_json(raw_body: bytes) -> object:
-    """Decode a JSON body, or raise a ValidationError that says so (a 422, not a 500)."""
-    import json
-
-    from marshmallow import ValidationError
-
+def load_json(raw_body: bytes) -> Any:
+    """The decoded JSON body; a ValidationError on `_schema` when it is not JSON (a 422, not a 500)."""
     try:
         return json.loads(raw_body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError({"_body": [f"not valid JSON: {exc}"]}) from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise ValidationError({"_schema": [f"The body is not valid JSON ({type(error).__name__})."]}) from None

@@ -42,13 +42,12 @@ from schemas._vendor_payload import (
     VendorSchema,
     channel_from_query,
     kind_problem,
-    load_json,
     load_json_object,
     new_segment,
     reference_from_mapping,
     reference_from_query_string,
 )
-from schemas.source import SttVendor
+from schemas.source import SttVendor, load_json
 
 FAILED_STATUSES = frozenset({"error", "fetch_error", "trim_error"})
 UNKNOWN_SPEAKER = "UU"
