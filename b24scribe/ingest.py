@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,39 +112,46 @@ def _insert_event_statement(dialect: str) -> Any:
     )
 
 
-# The hooks' hot path on SQLite: the same two inserts as the Core statements, sent to the driver
-# directly (SQLAlchemy's per-statement overhead was most of an event's cost under load).
+# The hooks' hot path on SQLite (the group committer's raw connection): the same two inserts as
+# the Core statements, sent to the driver directly (SQLAlchemy's per-statement overhead was most
+# of an event's cost under load).
 _SQLITE_INSERT_EVENT = (
     "INSERT INTO inbound_event (source, provider, dedupe_key, received_at, content_type, query, body, state, error)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider, dedupe_key) DO NOTHING RETURNING id"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider, dedupe_key) DO NOTHING"
 )
 _SQLITE_APPLY_JOB = (
     "INSERT INTO job (kind, event_id, state, attempts, ambiguous, next_attempt_at, created_at, updated_at)"
     " VALUES ('apply', ?, 'pending', 0, 0, ?, ?, ?)"
 )
+_SQLITE_EXISTING = "SELECT id, state, error FROM inbound_event WHERE source = ? AND provider = ? AND dedupe_key = ?"
 
 
-def _insert_event(
-    connection: Connection, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None, now: float
-) -> int | None:
-    if connection.dialect.name == "sqlite":
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        row = driver.execute(
-            _SQLITE_INSERT_EVENT,
-            (
-                raw.source,
-                raw.provider,
-                key,
-                now,
-                raw.content_type,
-                json.dumps(raw.query),
-                raw.body,
-                state,
-                None if error is None else json.dumps(error),
-            ),
+def _store_sqlite(
+    driver: sqlite3.Connection, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None
+) -> Outcome:
+    now = time.time()
+    query = json.dumps(raw.query) if raw.query else "{}"
+    error_json = None if error is None else json.dumps(error)
+    # no RETURNING: a row to fetch would be one more step (and GIL hand-over) per event
+    inserted = driver.execute(
+        _SQLITE_INSERT_EVENT,
+        (raw.source, raw.provider, key, now, raw.content_type, query, raw.body, state, error_json),
+    )
+    if inserted.rowcount == 0:  # the dedupe key is taken: a duplicate
+        event_id, stored_state, stored_error = driver.execute(
+            _SQLITE_EXISTING, (raw.source, raw.provider, key)
         ).fetchone()
-        return None if row is None else int(row[0])
+        rejected = json.loads(stored_error) if stored_state == "rejected" and stored_error else None
+        return Outcome(int(event_id), True, rejected)
+    event_id = inserted.lastrowid
+    assert event_id is not None
+    if state == "accepted":
+        driver.execute(_SQLITE_APPLY_JOB, (event_id, now, now, now))
+    return Outcome(event_id, False, error)
+
+
+def _store_core(connection: Connection, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None) -> Outcome:
+    now = time.time()
     values = {
         "source": raw.source,
         "provider": raw.provider,
@@ -157,36 +165,26 @@ def _insert_event(
     }
     statement = _insert_event_statement(connection.dialect.name)
     event_id: int | None = connection.execute(statement, values).scalar_one_or_none()
-    return event_id
+    if event_id is None:
+        event_id, stored_state, stored_error = connection.execute(
+            _EXISTING, {"source": raw.source, "provider": raw.provider, "dedupe_key": key}
+        ).one()
+        return Outcome(event_id, True, stored_error if stored_state == "rejected" else None)
+    if state == "accepted":
+        connection.execute(_APPLY_JOB, {"event_id": event_id, "now": now})
+    return Outcome(event_id, False, error)
 
 
-def _insert_apply_job(connection: Connection, event_id: int, now: float) -> None:
-    if connection.dialect.name == "sqlite":
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        driver.execute(_SQLITE_APPLY_JOB, (event_id, now, now, now))
-        return
-    connection.execute(_APPLY_JOB, {"event_id": event_id, "now": now})
-
-
-def _existing(connection: Connection, raw: RawEvent, key: str) -> Outcome:
-    event_id, state, error = connection.execute(
-        _EXISTING, {"source": raw.source, "provider": raw.provider, "dedupe_key": key}
-    ).one()
-    return Outcome(event_id, True, error if state == "rejected" else None)
+def _store(db: Database, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None) -> Outcome:
+    return db.transact(
+        functools.partial(_store_core, raw=raw, key=key, state=state, error=error),
+        on_sqlite=functools.partial(_store_sqlite, raw=raw, key=key, state=state, error=error),
+    )
 
 
 def store_rejected(db: Database, raw: RawEvent, error: dict[str, Any], natural_key: str | None = None) -> Outcome:
     """Keep an authenticated but unprocessable event so it can be replayed after a fix."""
-    key = raw.dedupe_key(natural_key)
-
-    def store(connection: Connection) -> Outcome:
-        event_id = _insert_event(connection, raw, key, "rejected", error, time.time())
-        if event_id is None:
-            return _existing(connection, raw, key)
-        return Outcome(event_id, False, error)
-
-    return db.transact(store)
+    return _store(db, raw, raw.dedupe_key(natural_key), "rejected", error)
 
 
 def store_event(db: Database, raw: RawEvent, key: str) -> Outcome:
@@ -194,17 +192,9 @@ def store_event(db: Database, raw: RawEvent, key: str) -> Outcome:
 
     This is all a hook does before it answers 202: two small inserts, group-committed with other
     requests' on SQLite. The worker's `inbox.apply_pending` does the rest (call, transcript, jobs).
+    A duplicate (same dedupe key) stores nothing and answers with the stored event.
     """
-
-    def store(connection: Connection) -> Outcome:
-        now = time.time()
-        event_id = _insert_event(connection, raw, key, "accepted", None, now)
-        if event_id is None:
-            return _existing(connection, raw, key)
-        _insert_apply_job(connection, event_id, now)
-        return Outcome(event_id, False)
-
-    return db.transact(store)
+    return _store(db, raw, key, "accepted", None)
 
 
 def call_event_key(raw: RawEvent) -> str:

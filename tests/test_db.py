@@ -1,0 +1,175 @@
+"""The SQLite group committer behind every hook: concurrent requests share commits, each is answered
+only once its own rows are durable, and one request's failure costs no other request its commit."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from b24scribe.db import Database, GroupCommitter
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    """A SQLite database with one small table the tests write to."""
+    database = Database(f"sqlite:///{tmp_path}/commits.sqlite3")
+    with database.write_engine.begin() as connection:
+        connection.execute(text("CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT NOT NULL UNIQUE)"))
+        connection.execute(
+            text(
+                "CREATE TABLE child (id INTEGER PRIMARY KEY, note_id INTEGER NOT NULL"
+                " REFERENCES note (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    yield database
+    database.dispose()
+
+
+def committer_of(database: Database) -> GroupCommitter:
+    committer = database.committer
+    assert committer is not None, "SQLite databases group-commit the hooks' writes"
+    return committer
+
+
+def insert(body: str) -> Callable[[sqlite3.Connection], int]:
+    def work(driver: sqlite3.Connection) -> int:
+        row_id = driver.execute("INSERT INTO note (body) VALUES (?)", (body,)).lastrowid
+        assert row_id is not None
+        return row_id
+
+    return work
+
+
+def stored(database: Database) -> dict[str, int]:
+    """What another connection sees: only committed rows."""
+    path = database.write_engine.url.database
+    assert path is not None
+    with sqlite3.connect(path) as reader:
+        return {body: row_id for row_id, body in reader.execute("SELECT id, body FROM note")}
+
+
+def run_concurrently(count: int, target: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as error:  # noqa: BLE001 - collected for the test's assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "requests did not finish"
+    return errors
+
+
+def in_one_batch(database: Database, threads: list[threading.Thread]) -> None:
+    """Start `threads` while the committer is busy, so all their requests share its next commit."""
+    committer = committer_of(database)
+    entered, release = threading.Event(), threading.Event()
+
+    def block(_driver: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    blocker = threading.Thread(target=lambda: database.transact(lambda _c: None, on_sqlite=block), daemon=True)
+    blocker.start()
+    assert entered.wait(10)  # the committer is inside the blocker's batch
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: committer.waiting() == len(threads))
+    release.set()
+    for thread in [blocker, *threads]:
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_concurrent_requests_share_commits_and_each_is_answered_after_its_own_commit(sqlite_db: Database) -> None:
+    seen_after_answer: list[bool] = []
+
+    def request(index: int) -> None:
+        for n in range(25):
+            body = f"request-{index}-{n}"
+            row_id = sqlite_db.transact(lambda _c: 0, on_sqlite=insert(body))
+            # the answer comes after the commit: a separate connection already sees the row
+            seen_after_answer.append(stored(sqlite_db).get(body) == row_id)
+
+    assert run_concurrently(16, request) == []
+    committer = committer_of(sqlite_db)
+    assert len(stored(sqlite_db)) == 400
+    assert all(seen_after_answer) and len(seen_after_answer) == 400
+    assert committer.committed == 400
+    assert committer.batches < 400, "concurrent requests never shared a commit"
+
+
+def test_one_failing_request_costs_no_other_request_its_commit(sqlite_db: Database) -> None:
+    sqlite_db.transact(lambda _c: 0, on_sqlite=insert("taken"))
+    results: dict[int, Any] = {}
+
+    def request(index: int) -> None:
+        body = "taken" if index == 3 else f"fresh-{index}"  # request 3 violates the UNIQUE constraint
+        try:
+            results[index] = sqlite_db.transact(lambda _c: 0, on_sqlite=insert(body))
+        except sqlite3.IntegrityError as error:
+            results[index] = error
+
+    in_one_batch(sqlite_db, [threading.Thread(target=request, args=(i,), daemon=True) for i in range(8)])
+
+    assert isinstance(results[3], sqlite3.IntegrityError)
+    rows = stored(sqlite_db)
+    assert set(rows) == {"taken"} | {f"fresh-{i}" for i in range(8) if i != 3}
+    assert all(results[i] == rows[f"fresh-{i}"] for i in range(8) if i != 3)
+
+
+def test_a_failed_commit_fails_every_request_in_it_stores_nothing_and_the_next_commit_works(
+    sqlite_db: Database,
+) -> None:
+    outcomes: dict[int, Any] = {}
+
+    def orphan_child(driver: sqlite3.Connection) -> int:
+        # a deferred foreign key: the statement succeeds, the COMMIT fails
+        row_id = driver.execute("INSERT INTO child (note_id) VALUES (999)").lastrowid
+        assert row_id is not None
+        return row_id
+
+    def request(index: int) -> None:
+        work = orphan_child if index == 0 else insert(f"batch-{index}")
+        try:
+            outcomes[index] = sqlite_db.transact(lambda _c: 0, on_sqlite=work)
+        except sqlite3.IntegrityError as error:
+            outcomes[index] = error
+
+    in_one_batch(sqlite_db, [threading.Thread(target=request, args=(i,), daemon=True) for i in range(5)])
+
+    # one commit, so one fate: every request in it is told it failed, and none of it is stored
+    assert all(isinstance(outcome, sqlite3.IntegrityError) for outcome in outcomes.values())
+    assert len(outcomes) == 5
+    assert stored(sqlite_db) == {}
+    assert sqlite_db.transact(lambda _c: 0, on_sqlite=insert("after")) == stored(sqlite_db)["after"]
+
+
+def test_without_the_sqlite_work_a_transaction_runs_on_a_plain_connection(sqlite_db: Database) -> None:
+    def core(connection: Any) -> int:
+        connection.execute(text("INSERT INTO note (body) VALUES ('core')"))
+        return 1
+
+    assert sqlite_db.transact(core) == 1
+    assert "core" in stored(sqlite_db)
+    assert committer_of(sqlite_db).committed == 0
