@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -113,9 +114,16 @@ _OUTCOMES: tuple[tuple[type[Bitrix24Error], str], ...] = (
 class Metrics:
     """The counters the views touch (kept on the app as `b24scribe.metrics`)."""
 
+    def __init__(self) -> None:
+        self._received: dict[tuple[str, str, str], Any] = {}  # labelled children: one lookup per event
+
     def received(self, source: str, provider: str, outcome: str) -> None:
         """Count a stored, duplicate or rejected event."""
-        EVENTS_RECEIVED.labels(source, provider, outcome).inc()
+        key = (source, provider, outcome)
+        counter = self._received.get(key)
+        if counter is None:  # bounded: sources × known providers × 3 outcomes
+            counter = self._received[key] = EVENTS_RECEIVED.labels(source, provider, outcome)
+        counter.inc()
 
     def rejected(self, source: str, provider: str, reason: str) -> None:
         """Count a request refused before storing (authentication, size)."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, request
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
 from b24scribe.db import Database
-from b24scribe.inbound_auth import Authenticated, AuthFailure, authenticate
+from b24scribe.inbound_auth import STANDARD_WEBHOOK_HEADERS, Authenticated, AuthFailure, authenticate
 from b24scribe.ingest import Outcome, RawEvent, call_event_key, store_event, store_rejected, transcript_key
 from b24scribe.intake import PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
@@ -28,6 +28,10 @@ bp = Blueprint(
 )
 
 STANDARD_WEBHOOK_SOURCES = {"generic"}
+# (header, its WSGI environ key): read straight from the environ on every hook request
+CREDENTIAL_HEADERS = tuple(
+    (name, "HTTP_" + name.upper().replace("-", "_")) for name in ("authorization", *STANDARD_WEBHOOK_HEADERS)
+)
 
 
 def _settings() -> Settings:
@@ -40,11 +44,20 @@ def _db() -> Database:
     return db
 
 
+def _credential_headers(vendor_header: str | None) -> dict[str, str]:
+    """Only the headers a credential can be in (copying all of them is most of the cost of auth)."""
+    environ = request.environ
+    found = {name: value for name, key in CREDENTIAL_HEADERS if (value := environ.get(key)) is not None}
+    if vendor_header and (value := request.headers.get(vendor_header)) is not None:
+        found[vendor_header] = value
+    return found
+
+
 def _authenticate(source: str, provider: str, body: bytes, vendor_header: str | None = None) -> Authenticated:
     try:
         return authenticate(
             _settings(),
-            dict(request.headers),
+            _credential_headers(vendor_header),
             request.args,
             body,
             vendor_header=vendor_header,
@@ -59,7 +72,10 @@ def _query_without_token() -> dict[str, str]:
     return {key: value for key, value in request.args.items() if key != "token"}
 
 
-def _answer(outcome: Outcome, source: str, provider: str) -> tuple[Response, int]:
+_STORED = '{"event_id": %d, "duplicate": %s}\n'  # the answer to every stored event (no JSON encoder needed)
+
+
+def _answer(outcome: Outcome, source: str, provider: str) -> Response:
     metrics = current_app.extensions["b24scribe.metrics"]
     if outcome.rejected_with is not None:
         metrics.received(source, provider, "rejected")
@@ -73,8 +89,9 @@ def _answer(outcome: Outcome, source: str, provider: str) -> tuple[Response, int
     structlog.contextvars.bind_contextvars(event_id=outcome.event_id)
     # debug: the access log already has a line per request; this one adds the event id when asked
     log.debug("event stored", source=source, provider=provider, duplicate=outcome.duplicate)
-    body = jsonify({"event_id": outcome.event_id, "duplicate": outcome.duplicate})
-    return body, 200 if outcome.duplicate else 202
+    if outcome.duplicate:
+        return Response(_STORED % (outcome.event_id, "true"), 200, mimetype="application/json")
+    return Response(_STORED % (outcome.event_id, "false"), 202, mimetype="application/json")
 
 
 def _reject(raw: RawEvent, fields: dict[str, Any], message: str, natural_key: str | None = None) -> ApiError:
@@ -86,7 +103,7 @@ def _reject(raw: RawEvent, fields: dict[str, Any], message: str, natural_key: st
 
 @bp.post("/stt/<vendor>")
 @document_stt_hook(bp)
-def stt_hook(vendor: str) -> tuple[Response, int]:
+def stt_hook(vendor: str) -> Response:
     """A transcript callback from an STT vendor (or our generic format)."""
     adapter = STT_VENDORS.get(vendor)
     if adapter is None:
@@ -106,7 +123,7 @@ def stt_hook(vendor: str) -> tuple[Response, int]:
 
 @bp.post("/pbx/<pbx>")
 @document_pbx_hook(bp)
-def pbx_hook(pbx: str) -> tuple[Response, int]:
+def pbx_hook(pbx: str) -> Response:
     """A call life-cycle event from a PBX."""
     if pbx not in PBX_PARSERS:
         raise ApiError(404, "unknown_pbx", f"no PBX {pbx!r}; known: {', '.join(sorted(PBX_PARSERS))}")
