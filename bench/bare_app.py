@@ -1,7 +1,7 @@
 """The ceiling of the ingest bench: a bare Flask app that only reads the body and answers 202.
 
 Served exactly like the real app (`gunicorn 'bench.bare_app:create_app()' --config gunicorn.conf.py`:
-gthread, 2 workers × 8 threads, the same access log), so the ratio app / bare is what the service's
+gevent, 2 workers, the same access log), so the ratio app / bare is what the service's
 own work (authentication, validation, the durable commit) costs.
 """
 

@@ -1,6 +1,6 @@
 """Ingest throughput: the real app under gunicorn vs a bare Flask endpoint, loaded with wrk.
 
-Both are served with the Procfile's command and gunicorn.conf.py (gthread, 2 workers × 8 threads);
+Both are served with the Procfile's command and gunicorn.conf.py (gevent, 2 workers);
 the app on a fresh SQLite database migrated with `flask --app app db upgrade` (WAL,
 synchronous=FULL). wrk runs on loopback with bench/post.lua: each request a distinct call id, so
 each is a real insert. Runs are interleaved (bare, app, bare, app, …), a short warm-up before each,
