@@ -96,7 +96,7 @@ def _cooperative_idle() -> Callable[[], Any] | None:
 class _Pending:
     """One request waiting in the group committer: its work, then its result or error."""
 
-    __slots__ = ("work", "done", "result", "error")
+    __slots__ = ("work", "done", "result", "error", "committed")
 
     def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
         self.work = work
@@ -104,6 +104,7 @@ class _Pending:
         self.done.acquire()  # released by the committer once the shared commit is over
         self.result: Any = None
         self.error: BaseException | None = None
+        self.committed = False  # its rows are durable: whatever fails later, it is answered with its result
 
 
 class GroupCommitter:
@@ -177,7 +178,7 @@ class GroupCommitter:
             self._commit(self._proxy.driver_connection, batch)
         except BaseException as error:  # noqa: BLE001 - the batch's callers get it, never this thread
             for pending in batch:
-                if pending.error is None:
+                if not pending.committed and pending.error is None:
                     pending.error, pending.result = error, None
             if self._proxy is not None:
                 with contextlib.suppress(Exception):
@@ -190,8 +191,9 @@ class GroupCommitter:
                 self._transaction(driver, batch)
             except _WorkFailed:
                 # Rare (a request's own statement failed): run each request alone, so one
-                # request's failure costs no other request its commit. No savepoints on the
-                # common path: each statement sent is a GIL round trip for the request threads.
+                # request's failure costs no other request its commit (no savepoints on the
+                # common path: two more statements per request). If one of these commits fails,
+                # the requests not yet committed get that error, as with a shared commit.
                 for pending in batch:
                     pending.result = pending.error = None
                     try:
@@ -211,6 +213,8 @@ class GroupCommitter:
                 except Exception as error:
                     raise _WorkFailed(error) from error
             driver.execute("COMMIT")
+            for pending in batch:
+                pending.committed = True
         except BaseException:
             if driver.in_transaction:
                 driver.execute("ROLLBACK")

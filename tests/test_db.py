@@ -165,6 +165,52 @@ def test_a_failed_commit_fails_every_request_in_it_stores_nothing_and_the_next_c
     assert sqlite_db.transact(lambda _c: 0, on_sqlite=insert("after")) == stored(sqlite_db)["after"]
 
 
+def test_when_a_lone_retry_fails_to_commit_what_was_committed_is_still_acknowledged(sqlite_db: Database) -> None:
+    sqlite_db.transact(lambda _c: 0, on_sqlite=insert("taken"))
+    committer = committer_of(sqlite_db)
+    outcomes: dict[str, Any] = {}
+
+    def orphan_child(driver: sqlite3.Connection) -> int:
+        row_id = driver.execute("INSERT INTO child (note_id) VALUES (999)").lastrowid  # fails at COMMIT
+        assert row_id is not None
+        return row_id
+
+    works = {"first": insert("first"), "duplicate": insert("taken"), "orphan": orphan_child, "last": insert("last")}
+
+    def request(name: str) -> None:
+        try:
+            outcomes[name] = sqlite_db.transact(lambda _c: 0, on_sqlite=works[name])
+        except sqlite3.IntegrityError as error:
+            outcomes[name] = error
+
+    entered, release = threading.Event(), threading.Event()
+
+    def block(_driver: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    blocker = threading.Thread(target=lambda: sqlite_db.transact(lambda _c: None, on_sqlite=block), daemon=True)
+    blocker.start()
+    assert entered.wait(10)
+    threads = []
+    for queued, name in enumerate(works, start=1):  # one at a time: the batch keeps this order
+        threads.append(threading.Thread(target=request, args=(name,), daemon=True))
+        threads[-1].start()
+        wait_until(lambda queued=queued: committer.waiting() == queued)  # type: ignore[misc]
+    release.set()
+    for thread in [blocker, *threads]:
+        thread.join(30)
+
+    # the duplicate sends the batch to one transaction per request: "first" commits alone and is
+    # acknowledged; the orphan's own commit fails, and "last", not yet committed, is told so too
+    rows = stored(sqlite_db)
+    assert outcomes["first"] == rows["first"]
+    assert isinstance(outcomes["duplicate"], sqlite3.IntegrityError)
+    assert isinstance(outcomes["orphan"], sqlite3.IntegrityError)
+    assert isinstance(outcomes["last"], sqlite3.IntegrityError) and "last" not in rows
+    assert sqlite_db.transact(lambda _c: 0, on_sqlite=insert("after")) == stored(sqlite_db)["after"]
+
+
 def test_without_the_sqlite_work_a_transaction_runs_on_a_plain_connection(sqlite_db: Database) -> None:
     def core(connection: Any) -> int:
         connection.execute(text("INSERT INTO note (body) VALUES ('core')"))
