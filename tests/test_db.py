@@ -73,8 +73,9 @@ def run_concurrently(count: int, target: Callable[[int], None]) -> list[BaseExce
     return errors
 
 
-def in_one_batch(database: Database, threads: list[threading.Thread]) -> None:
-    """Start `threads` while the committer is busy, so all their requests share its next commit."""
+def in_one_batch(database: Database, threads: list[threading.Thread], in_order: bool = False) -> None:
+    """Start `threads` while the committer is busy, so all their requests share its next commit
+    (`in_order`: one at a time, each queued before the next starts, so the batch keeps their order)."""
     committer = committer_of(database)
     entered, release = threading.Event(), threading.Event()
 
@@ -85,13 +86,22 @@ def in_one_batch(database: Database, threads: list[threading.Thread]) -> None:
     blocker = threading.Thread(target=lambda: database.transact(lambda _c: None, on_sqlite=block), daemon=True)
     blocker.start()
     assert entered.wait(10)  # the committer is inside the blocker's batch
-    for thread in threads:
+    for queued, thread in enumerate(threads, start=1):
         thread.start()
+        if in_order:
+            wait_until(lambda queued=queued: committer.waiting() == queued)  # type: ignore[misc]
     wait_until(lambda: committer.waiting() == len(threads))
     release.set()
     for thread in [blocker, *threads]:
         thread.join(30)
         assert not thread.is_alive()
+
+
+def orphan_child(driver: sqlite3.Connection) -> int:
+    """A row whose deferred foreign key points nowhere: the statement succeeds, the COMMIT fails."""
+    row_id = driver.execute("INSERT INTO child (note_id) VALUES (999)").lastrowid
+    assert row_id is not None
+    return row_id
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -143,12 +153,6 @@ def test_a_failed_commit_fails_every_request_in_it_stores_nothing_and_the_next_c
 ) -> None:
     outcomes: dict[int, Any] = {}
 
-    def orphan_child(driver: sqlite3.Connection) -> int:
-        # a deferred foreign key: the statement succeeds, the COMMIT fails
-        row_id = driver.execute("INSERT INTO child (note_id) VALUES (999)").lastrowid
-        assert row_id is not None
-        return row_id
-
     def request(index: int) -> None:
         work = orphan_child if index == 0 else insert(f"batch-{index}")
         try:
@@ -167,14 +171,7 @@ def test_a_failed_commit_fails_every_request_in_it_stores_nothing_and_the_next_c
 
 def test_when_a_lone_retry_fails_to_commit_what_was_committed_is_still_acknowledged(sqlite_db: Database) -> None:
     sqlite_db.transact(lambda _c: 0, on_sqlite=insert("taken"))
-    committer = committer_of(sqlite_db)
     outcomes: dict[str, Any] = {}
-
-    def orphan_child(driver: sqlite3.Connection) -> int:
-        row_id = driver.execute("INSERT INTO child (note_id) VALUES (999)").lastrowid  # fails at COMMIT
-        assert row_id is not None
-        return row_id
-
     works = {"first": insert("first"), "duplicate": insert("taken"), "orphan": orphan_child, "last": insert("last")}
 
     def request(name: str) -> None:
@@ -183,23 +180,8 @@ def test_when_a_lone_retry_fails_to_commit_what_was_committed_is_still_acknowled
         except sqlite3.IntegrityError as error:
             outcomes[name] = error
 
-    entered, release = threading.Event(), threading.Event()
-
-    def block(_driver: sqlite3.Connection) -> None:
-        entered.set()
-        release.wait(10)
-
-    blocker = threading.Thread(target=lambda: sqlite_db.transact(lambda _c: None, on_sqlite=block), daemon=True)
-    blocker.start()
-    assert entered.wait(10)
-    threads = []
-    for queued, name in enumerate(works, start=1):  # one at a time: the batch keeps this order
-        threads.append(threading.Thread(target=request, args=(name,), daemon=True))
-        threads[-1].start()
-        wait_until(lambda queued=queued: committer.waiting() == queued)  # type: ignore[misc]
-    release.set()
-    for thread in [blocker, *threads]:
-        thread.join(30)
+    threads = [threading.Thread(target=request, args=(name,), daemon=True) for name in works]
+    in_one_batch(sqlite_db, threads, in_order=True)
 
     # the duplicate sends the batch to one transaction per request: "first" commits alone and is
     # acknowledged; the orphan's own commit fails, and "last", not yet committed, is told so too
@@ -219,3 +201,49 @@ def test_without_the_sqlite_work_a_transaction_runs_on_a_plain_connection(sqlite
     assert sqlite_db.transact(core) == 1
     assert "core" in stored(sqlite_db)
     assert committer_of(sqlite_db).committed == 0
+
+
+GEVENT_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, gevent
+from b24scribe.db import Database
+
+database = Database(sys.argv[1])
+database.write_engine.dispose()
+with database.write_engine.begin() as connection:
+    connection.exec_driver_sql("CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+
+def request(n):
+    for _ in range(n % 8):  # requests become ready over several turns of the loop, as from sockets
+        gevent.sleep(0)
+    return database.transact(lambda _c: 0, on_sqlite=lambda d: d.execute(
+        "INSERT INTO note (body) VALUES (?)", (f"greenlet-{n}",)).lastrowid)
+
+ids = [g.value for g in gevent.joinall([gevent.spawn(request, n) for n in range(200)], raise_error=True)]
+committer = database.committer
+print(json.dumps({"ids": ids, "batches": committer.batches, "committed": committer.committed}))
+"""
+
+
+def test_under_gevent_a_batch_takes_every_request_already_in_the_process(tmp_path: Path) -> None:
+    # gunicorn's gevent worker: greenlets wait for the commit, and the committer waits for the
+    # loop to go idle, so 200 requests that become ready over 8 loop turns share a few commits (8 without)
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "gevent.sqlite3"
+    answer = subprocess.run(
+        [sys.executable, "-c", GEVENT_SCRIPT, f"sqlite:///{path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    result = json.loads(answer.stdout.strip().splitlines()[-1])
+    with sqlite3.connect(path) as reader:
+        rows = dict(reader.execute("SELECT body, id FROM note"))
+    assert result["committed"] == 200
+    assert sorted(result["ids"]) == sorted(rows.values()) and len(rows) == 200
+    assert result["batches"] <= 5, f"{result['batches']} commits for 200 requests ready within a few loop turns"
