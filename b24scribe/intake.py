@@ -18,9 +18,8 @@ from b24scribe.ingest import CallEvent, TranscriptOptions
 from b24scribe.settings import Settings
 from b24scribe.transcript import CallReference, Direction, Role, VendorResult
 from schemas.bitrix24 import check_attributable
-from schemas.pbx_events import parse_asterisk, parse_generic
+from schemas.pbx_events import parse_asterisk, parse_generic_body
 from schemas.registry import STT_VENDORS
-from schemas.source import load_json
 
 # How each PBX sends its events: a JSON body, or form fields (in the body or the query).
 PBX_PARSERS = {"generic": "json", "asterisk": "form"}
@@ -114,7 +113,7 @@ def parse_form(body: bytes) -> dict[str, str]:
 def parse_call_event(pbx: str, body: bytes, query: Mapping[str, str]) -> CallEvent:
     """Read a PBX's call event (KeyError for an unknown PBX); form PBXs may send it in the query."""
     if PBX_PARSERS[pbx] == "json":
-        return parse_generic(load_json(body))
+        return parse_generic_body(body)
     form: Mapping[str, str] = parse_form(body) if body else query
     return parse_asterisk({key: value for key, value in form.items() if key != "token"})
 
