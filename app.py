@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
-import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from flask import Flask, Response, g, request
+from flask import Flask
 
 from b24scribe.db import Database
 from b24scribe.logging import configure_logging
 from b24scribe.metrics import Metrics
 from b24scribe.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -37,19 +42,32 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+class RequestId:
+    """WSGI middleware: every request gets an id (the caller's `X-Request-Id`, else a new random one),
+    bound to each log line of the request and echoed in the answer's `X-Request-Id`, errors included.
+
+    A middleware rather than Flask before/after_request hooks: the same behaviour for a fraction of
+    the per-request cost (Flask resolves every hook on every request).
+    """
+
+    def __init__(self, wsgi_app: WSGIApplication) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request_id = environ.get("HTTP_X_REQUEST_ID") or secrets.token_hex(16)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+
+        def start_with_id(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers.append(("X-Request-Id", request_id))
+            return start_response(status, headers, exc_info)
+
+        return self.wsgi_app(environ, start_with_id)
+
+
 def register_request_context(app: Flask) -> None:
     """Bind a request id to every log line of the request."""
-
-    @app.before_request
-    def bind_request_id() -> None:
-        structlog.contextvars.clear_contextvars()
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=g.request_id)
-
-    @app.after_request
-    def echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-Id"] = g.get("request_id", "")
-        return response
+    app.wsgi_app = RequestId(app.wsgi_app)  # type: ignore[method-assign]
 
 
 def register_blueprints(app: Flask) -> None:

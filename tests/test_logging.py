@@ -189,3 +189,19 @@ def test_a_real_gunicorn_and_worker_log_no_secret(tmp_path: Path, database_url: 
     assert any(line.get("event") == "event stored" and "event_id" in line for line in lines)
     failures = [line for line in lines if line.get("event") == "bitrix24 error"]
     assert failures and all("job_id" in line and "call_id" in line for line in failures)
+
+
+def test_every_answer_carries_the_request_id_given_or_a_new_one(client: FlaskClient) -> None:
+    given = client.post("/hooks/pbx/generic", json=FINISHED, headers={**auth(), "X-Request-Id": "pbx-req-1"})
+    fresh = [
+        client.post("/hooks/pbx/generic", json=FINISHED, headers=auth()),  # a duplicate: 200
+        client.post("/hooks/pbx/generic", json={"event": "call.ended"}, headers=auth()),  # 422
+        client.post("/hooks/pbx/nosuchpbx", json=FINISHED, headers=auth()),  # 404
+        client.post("/hooks/pbx/generic", json=FINISHED),  # 401
+        client.get("/livez"),
+    ]
+
+    assert given.status_code == 202 and given.headers["X-Request-Id"] == "pbx-req-1"
+    assert [r.status_code for r in fresh] == [200, 422, 404, 401, 200]
+    ids = [r.headers["X-Request-Id"] for r in fresh]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == len(ids)
