@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -54,7 +54,8 @@ class RequestId:
         self.wsgi_app = wsgi_app
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request_id = environ.get("HTTP_X_REQUEST_ID") or secrets.token_hex(16)
+        # unique, not secret: the module PRNG (reseeded in every forked process), not a system call per request
+        request_id = environ.get("HTTP_X_REQUEST_ID") or f"{random.getrandbits(128):032x}"
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
 

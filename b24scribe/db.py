@@ -82,15 +82,13 @@ class WriteLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
-def _cooperative_idle() -> Callable[[], Any] | None:
-    """Under gevent (gunicorn's gevent worker) the committer is a greenlet: `gevent.idle` lets every
-    request already in the process reach the queue before a batch is taken (bigger batches)."""
+def _under_gevent() -> bool:
+    """True in a process whose threads gevent has replaced by greenlets (gunicorn's gevent worker)."""
     if "gevent" not in sys.modules:
-        return None
-    import gevent
+        return False
     from gevent import monkey
 
-    return gevent.idle if monkey.is_module_patched("threading") else None
+    return bool(monkey.is_module_patched("threading"))
 
 
 class _Pending:
@@ -98,10 +96,9 @@ class _Pending:
 
     __slots__ = ("work", "done", "result", "error", "committed")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], done: Any = None) -> None:
         self.work = work
-        self.done = threading.Lock()
-        self.done.acquire()  # released by the committer once the shared commit is over
+        self.done = done  # how the request waits: a held Lock (threads) or a gevent Waiter
         self.result: Any = None
         self.error: BaseException | None = None
         self.committed = False  # its rows are durable: whatever fails later, it is answered with its result
@@ -128,7 +125,6 @@ class GroupCommitter:
         self._start_lock = threading.Lock()
         self._pid = os.getpid()
         self._proxy: Any = None  # the raw connection, used only by the thread that commits
-        self._idle: Callable[[], Any] | None = None
         self.batches = 0  # commits so far, and the requests they held (tests and benchmarks read them)
         self.committed = 0
 
@@ -136,9 +132,11 @@ class GroupCommitter:
         """Run `work` on the shared connection in the next commit; return its result after the commit."""
         if self._thread is None or self._pid != os.getpid():  # first use in this process
             self._start_thread()
-        pending = _Pending(work)
+        done = threading.Lock()
+        done.acquire()  # released by the committer once the shared commit is over
+        pending = _Pending(work, done)
         self._queue.put(pending)
-        pending.done.acquire()
+        done.acquire()
         if pending.error is not None:
             raise pending.error
         result: T = pending.result
@@ -153,15 +151,12 @@ class GroupCommitter:
             if self._thread is None or self._pid != os.getpid():
                 if self._pid != os.getpid():  # a forked child: the parent's queue and thread are not ours
                     self._pid, self._queue, self._proxy = os.getpid(), queue.SimpleQueue(), None
-                self._idle = _cooperative_idle()
                 self._thread = threading.Thread(target=self._commit_loop, name="group-commit", daemon=True)
                 self._thread.start()
 
     def _commit_loop(self) -> None:
         while True:
             batch = [self._queue.get()]
-            if self._idle is not None:
-                self._idle()
             while len(batch) < self._max_batch:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -221,6 +216,57 @@ class GroupCommitter:
             raise
 
 
+class GeventGroupCommitter(GroupCommitter):
+    """The same group commit where requests are greenlets of one thread (gunicorn's gevent worker).
+
+    A request parks on a gevent Waiter (one switch to the hub: no lock, no queue, no thread
+    hand-over); the committer is a greenlet that waits for the loop to go idle, so a batch takes
+    every request already in the process, then commits and schedules each request's wake-up.
+    """
+
+    def __init__(self, engine: Engine, lock: WriteLock, max_batch: int = 64) -> None:
+        super().__init__(engine, lock, max_batch)
+        import gevent
+        from gevent.hub import Waiter, get_hub
+
+        self._gevent, self._waiter_type, self._hub = gevent, Waiter, get_hub()
+        self._waiting: list[_Pending] = []
+        self._greenlet: Any = None
+        self._parked: Any = None  # the committer's Waiter while it has nothing to commit
+
+    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the shared connection in the next commit; return its result after the commit."""
+        if self._greenlet is None:
+            self._greenlet = self._gevent.spawn(self._commit_loop)
+        pending = _Pending(work, self._waiter_type())
+        self._waiting.append(pending)
+        if self._parked is not None:
+            parked, self._parked = self._parked, None
+            self._hub.loop.run_callback(parked.switch, None)
+        pending.done.get()
+        if pending.error is not None:
+            raise pending.error
+        result: T = pending.result
+        return result
+
+    def waiting(self) -> int:
+        """Requests queued for the next commit (tests read it)."""
+        return len(self._waiting)
+
+    def _commit_loop(self) -> None:
+        run_callback = self._hub.loop.run_callback
+        while True:
+            if not self._waiting:
+                self._parked = self._waiter_type()
+                self._parked.get()
+            self._gevent.idle()  # every request already runnable in the process joins this batch
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: len(batch)]
+            self._commit_batch(batch)
+            for pending in batch:
+                run_callback(pending.done.switch, None)
+
+
 class _WorkFailed(Exception):
     """A request's work raised inside a shared transaction (the transaction is rolled back)."""
 
@@ -250,7 +296,8 @@ class Database:
         on_disk = database_file not in (None, "", ":memory:")
         self._write_lock = WriteLock(f"{database_file}.write-lock" if on_disk else None)
         use_group_commit = self.is_sqlite if group_commit is None else group_commit
-        self._committer = GroupCommitter(self.write_engine, self._write_lock) if use_group_commit else None
+        committer_type = GeventGroupCommitter if _under_gevent() else GroupCommitter
+        self._committer = committer_type(self.write_engine, self._write_lock) if use_group_commit else None
 
     def transact(
         self, work: Callable[[Connection], T], on_sqlite: Callable[[sqlite3.Connection], T] | None = None

@@ -43,6 +43,7 @@ class _Hook:
     """What one hook request works with: the request itself (not the proxy) and the app's services."""
 
     request: Request
+    args: dict[str, str]  # the query, first value per name, as a plain dict (werkzeug's raises inside .get)
     settings: Settings
     db: Database
     metrics: Metrics
@@ -52,8 +53,10 @@ class _Hook:
     @classmethod
     def current(cls, source: str, provider: str) -> _Hook:
         extensions = current_app.extensions
+        current: Request = request._get_current_object()  # type: ignore[attr-defined]  # once, not per attribute
         return cls(
-            request._get_current_object(),  # type: ignore[attr-defined]  # once, not once per attribute
+            current,
+            current.args.to_dict() if current.args else {},
             extensions["b24scribe.settings"],
             extensions["b24scribe.db"],
             extensions["b24scribe.metrics"],
@@ -74,7 +77,7 @@ class _Hook:
             return authenticate(
                 self.settings,
                 self.credential_headers(vendor_header),
-                self.request.args,
+                self.args,
                 body,
                 vendor_header=vendor_header,
                 standard_webhooks=self.provider in STANDARD_WEBHOOK_SOURCES,
@@ -85,8 +88,7 @@ class _Hook:
 
     def raw_event(self, body: bytes, auth: Authenticated) -> RawEvent:
         """What is stored: the request minus its credentials (`?token=` is dropped from the query)."""
-        args = self.request.args
-        query = {key: value for key, value in args.items() if key != "token"} if args else {}
+        query = {key: value for key, value in self.args.items() if key != "token"} if self.args else {}
         return RawEvent(self.source, self.provider, body, query, self.request.content_type, auth.delivery_id)
 
     def answer(self, outcome: Outcome) -> Response:
@@ -131,7 +133,7 @@ def stt_hook(vendor: str) -> Response:
     body = hook.request.get_data(cache=False)
     auth = hook.authenticate(body, adapter.auth_header)
     raw = hook.raw_event(body, auth)
-    args = hook.request.args
+    args = hook.args
     try:
         resolve_portal(hook.settings, args)  # an unknown ?portal= is a 422 now, not a dead job later
         parsed = parse_transcript(vendor, body, args)
@@ -151,7 +153,7 @@ def pbx_hook(pbx: str) -> Response:
     body = hook.request.get_data(cache=False)
     auth = hook.authenticate(body)
     raw = hook.raw_event(body, auth)
-    args = hook.request.args
+    args = hook.args
     try:
         resolve_portal(hook.settings, args)
         event = parse_call_event(pbx, body, args)
