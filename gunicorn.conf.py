@@ -12,8 +12,8 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  
 # gevent: a hook request is short CPU work plus a wait for the shared SQLite commit (group commit,
 # b24scribe/db.py). As greenlets, the requests of one process wait for that commit without OS
 # thread switches or GIL hand-overs, and the committer takes everything that arrived while the
-# last fsync ran; measured on 2 cores (bench/ingest.py): 2,500 PBX events/s vs 1,450 with gthread
-# (2 × 32 threads), p99 28 ms vs 43 ms. psycopg 3 cooperates with gevent on PostgreSQL.
+# last fsync ran; measured on 2 cores (bench/ingest.py): ~2,900 PBX events/s vs 1,450 with gthread
+# (2 × 32 threads, earlier code), p99 25 ms vs 43 ms. psycopg 3 cooperates with gevent on PostgreSQL.
 worker_class = os.environ.get("WEB_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
