@@ -197,4 +197,4 @@ def pbx_hook(pbx: str) -> Response:
     except ValidationError as error:
         raise hook.reject(raw, _field_errors(error), "the call event cannot be processed: see fields") from None
     structlog.contextvars.bind_contextvars(pbx=pbx, pbx_call_id=event.call_id)
-    return hook.answer(store_event(hook.db, raw, call_event_key(raw)))
+    return hook.answer(store_event(hook.db, raw, call_event_key(raw, event.call_id)))
