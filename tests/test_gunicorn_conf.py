@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 from flask import Flask
 
 from tests.test_logging import load_gunicorn_config
@@ -19,3 +20,10 @@ def test_a_web_worker_freezes_the_loaded_app_out_of_the_collectors_sight(app: Fl
     finally:
         gc.unfreeze()
     assert any(candidate is app for candidate in gc.get_objects())
+
+
+def test_the_access_log_is_on_by_default_and_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("B24SCRIBE_ACCESS_LOG", raising=False)
+    assert load_gunicorn_config().accesslog == "-"  # one line per request on stdout
+    monkeypatch.setenv("B24SCRIBE_ACCESS_LOG", "0")
+    assert load_gunicorn_config().accesslog is None
