@@ -218,17 +218,13 @@ def call_event_key(raw: RawEvent, call_id: str) -> str:
     return f"call:{call_id[:128]}:{raw.digest()}"
 
 
-def transcript_key(raw: RawEvent, result: VendorResult, reference: CallReference, options: TranscriptOptions) -> str:
+def transcript_key(raw: RawEvent, result: VendorResult, options: TranscriptOptions) -> str:
     """A transcript is the same when it is the same delivery, the same vendor job (and channel),
-    or the same bytes for the same call."""
+    or the same bytes for the same call (the call is named in the body or the query, both hashed)."""
     natural_key = f"{result.vendor_job_id}:{options.channel_slot}" if result.vendor_job_id else None
     if natural_key and result.status == "fetch":
         natural_key += ":fetch"
-    key = raw.dedupe_key(natural_key)
-    if raw.delivery_id is None and natural_key is None:
-        # "the same body for the same call": the hash alone would merge two calls' identical bodies
-        key = f"{key}:{reference.pbx or ''}:{reference.pbx_call_id or ''}:{reference.b24_call_id or ''}"[:200]
-    return key
+    return raw.dedupe_key(natural_key)
 
 
 def _find_or_create_call(session: Session, portal: str, pbx: str, pbx_call_id: str, now: float) -> Call:

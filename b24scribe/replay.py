@@ -88,7 +88,7 @@ def _parse(settings: Settings, raw: RawEvent) -> tuple[str, CallEvent | ParsedTr
 def _store(db: Database, raw: RawEvent, parsed: CallEvent | ParsedTranscript) -> Outcome:
     if isinstance(parsed, CallEvent):
         return store_event(db, raw, call_event_key(raw, parsed.call_id))
-    return store_event(db, raw, transcript_key(raw, parsed.result, parsed.reference, parsed.options))
+    return store_event(db, raw, transcript_key(raw, parsed.result, parsed.options))
 
 
 def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:

@@ -176,7 +176,7 @@ def stt_hook(vendor: str) -> Response:
         parsed = parse_transcript(vendor, body, args)
     except ValidationError as error:
         raise hook.reject(raw, _field_errors(error), "the transcript cannot be processed: see fields") from None
-    outcome = store_event(hook.db, raw, transcript_key(raw, parsed.result, parsed.reference, parsed.options))
+    outcome = store_event(hook.db, raw, transcript_key(raw, parsed.result, parsed.options))
     return hook.answer(outcome)
 
 
