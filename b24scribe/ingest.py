@@ -210,8 +210,8 @@ def call_event_key(raw: RawEvent, call_id: str) -> str:
 
     The key leads with the call id, so the keys of one call, and of a PBX whose call ids grow
     (Asterisk's uniqueid is epoch.sequence), sit side by side in the dedupe index: a group commit
-    then writes a few index pages instead of one random page per event (bench/ingest.py: WAL frames
-    per commit 34 → 20).
+    then writes a few index pages instead of one random page per event (strace under
+    bench/ingest.py's load: WAL frames per commit 34 → 20).
     """
     if raw.delivery_id:
         return raw.dedupe_key(None)
