@@ -35,10 +35,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["b24scribe.settings"] = settings
     app.extensions["b24scribe.db"] = Database(settings.database_url)
     app.extensions["b24scribe.metrics"] = Metrics()
-    register_request_context(app)
     register_blueprints(app)
     register_error_handlers(app)
     register_commands(app)
+    register_middleware(app)
     return app
 
 
@@ -66,9 +66,12 @@ class RequestId:
         return self.wsgi_app(environ, start_with_id)
 
 
-def register_request_context(app: Flask) -> None:
-    """Bind a request id to every log line of the request."""
-    app.wsgi_app = RequestId(app.wsgi_app)  # type: ignore[method-assign]
+def register_middleware(app: Flask) -> None:
+    """The hooks' lane (the hooks served without Flask's dispatch), inside the request id (every
+    request, the lane's included, gets one)."""
+    from handlers.hooks import HookLane
+
+    app.wsgi_app = RequestId(HookLane(app, app.wsgi_app))  # type: ignore[method-assign]
 
 
 def register_blueprints(app: Flask) -> None:

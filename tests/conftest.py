@@ -64,12 +64,11 @@ def db(database_url: str) -> Iterator[Database]:
     database.dispose()
 
 
-@pytest.fixture
-def settings(database_url: str, fake_bitrix24: FakeBitrix24) -> Settings:
-    """Settings pointing at the fake Bitrix24, with the test secrets."""
+def make_settings(database_url: str, webhook_url: str) -> Settings:
+    """Settings for a test: this database, this (fake) Bitrix24, the test secrets."""
     return Settings(
         database_url=database_url,
-        bitrix24_webhook_url=fake_bitrix24.webhook_url,
+        bitrix24_webhook_url=webhook_url,
         bitrix24_timeout=2.0,
         inbound_token=INBOUND_TOKEN,
         webhook_secret=WEBHOOK_SECRET,
@@ -79,6 +78,12 @@ def settings(database_url: str, fake_bitrix24: FakeBitrix24) -> Settings:
         rate_burst=1000,
         log_format="json",
     )
+
+
+@pytest.fixture
+def settings(database_url: str, fake_bitrix24: FakeBitrix24) -> Settings:
+    """Settings pointing at the fake Bitrix24, with the test secrets."""
+    return make_settings(database_url, fake_bitrix24.webhook_url)
 
 
 @pytest.fixture
