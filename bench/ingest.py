@@ -4,7 +4,9 @@ Both are served with the Procfile's command and gunicorn.conf.py (gevent, 2 work
 the app on a fresh SQLite database migrated with `flask --app app db upgrade` (WAL,
 synchronous=FULL). wrk runs on loopback with bench/post.lua: each request a distinct call id, so
 each is a real insert. Runs are interleaved (bare, app, bare, app, …), a short warm-up before each,
-and the median of the measured runs is reported.
+and the median of the measured runs is reported. For PBX events a plain WSGI callable under the
+same gunicorn settings is measured too, as context: the app's hooks skip Flask's dispatch
+(handlers/hooks.HookLane), so how far it is from gunicorn's own ceiling is worth knowing.
 
 After each app run the database must hold exactly as many events as wrk counted 2xx answers,
 with no non-2xx answer: wrk stops sending at the deadline and waits for every answer in flight,
@@ -167,7 +169,8 @@ def measure(server: str, kind: str, label: str, seconds: float, space: Workspace
     else:
         url = ""
         env = service_env(space.path, f"sqlite:///{space.path}/unused.sqlite3")
-        web = start_web(space, env, app="bench.bare_app:create_app()", name=f"bare-{label}")
+        factory = "create_wsgi_app" if server == "wsgi" else "create_app"
+        web = start_web(space, env, app=f"bench.bare_app:{factory}()", name=f"{server}-{label}")
     try:
         warm = run_wrk(web.url, kind, f"{server}-{label}-warm", WARMUP_SECONDS, space, body_file)
         pids = web.worker_pids()
@@ -269,10 +272,13 @@ def run(
             body_file.write_bytes(generic_transcript(30) if kind == "stt" else b"")
             bare: list[Measured] = []
             app: list[Measured] = []
+            wsgi: list[Measured] = []
             for number in range(rounds):
                 bare.append(measure("bare", kind, f"{kind}{number}", seconds, space, body_file))
                 app.append(measure("app", kind, f"{kind}{number}", seconds, space, body_file))
-            rows += _rows(kind, bare, app)
+                if kind == "pbx":  # context for the target: gunicorn's own ceiling, no framework
+                    wsgi.append(measure("wsgi", kind, f"{kind}{number}", seconds, space, body_file))
+            rows += _rows(kind, bare, app, wsgi)
             missed = kind == "pbx" and _ratio(bare, app) < TARGET_PBX
             if profile or (profile is None and missed):
                 NOTES.append(f"ingest {kind}: py-spy profile of the app's gunicorn workers under wrk load")
@@ -288,20 +294,22 @@ def _ratio(bare: list[Measured], app: list[Measured]) -> float:
     return _median([m.run.requests_per_second for m in app]) / _median([m.run.requests_per_second for m in bare])
 
 
-def _rows(kind: str, bare: list[Measured], app: list[Measured]) -> list[Row]:
+def _rows(kind: str, bare: list[Measured], app: list[Measured], wsgi: list[Measured]) -> list[Row]:
     label = f"ingest {LABELS[kind]}"
     ratio = _ratio(bare, app)
     target = f"≥ {TARGET_PBX}" if kind == "pbx" else ""
     acknowledged = sum(m.acknowledged for m in app)
     committed = sum(m.committed for m in app)
     non_2xx = sum(m.run.non_2xx for m in app)
-    socket_errors = sum(m.run.socket_errors for m in app + bare)
+    socket_errors = sum(m.run.socket_errors for m in app + bare + wsgi)
     in_flight = sum(m.in_flight_at_stop for m in app)
     exact = all(m.acknowledged == m.committed for m in app) and non_2xx == 0 and in_flight == 0
     durability = f"{acknowledged:,} 2xx = {committed:,} rows, non-2xx {non_2xx}"
     if in_flight or socket_errors:
         durability += f", unanswered {in_flight}, socket errors {socket_errors}"
-    for name, runs in (("bare", bare), ("app", app)):
+    for name, runs in (("bare", bare), ("app", app), ("plain WSGI", wsgi)):
+        if not runs:
+            continue
         NOTES.append(
             f"{label}, {name} runs: "
             + "; ".join(
@@ -310,6 +318,12 @@ def _rows(kind: str, bare: list[Measured], app: list[Measured]) -> list[Row]:
                 for m in runs
             )
         )
+    context = []
+    if wsgi:
+        context = [
+            row(f"{label}: plain WSGI (context)", _median([m.run.requests_per_second for m in wsgi]), "req/s"),
+            row(f"{label}: app / plain WSGI", round(_ratio(wsgi, app), 3), "×"),
+        ]
     return [
         row(f"{label}: bare Flask", _median([m.run.requests_per_second for m in bare]), "req/s"),
         row(f"{label}: bare p50 / p99", _latency(bare), "ms"),
@@ -317,6 +331,7 @@ def _rows(kind: str, bare: list[Measured], app: list[Measured]) -> list[Row]:
         row(f"{label}: app p50 / p99", _latency(app), "ms"),
         row(f"{label}: app / bare", round(ratio, 3), "×", target, ratio >= TARGET_PBX if target else None),
         row(f"{label}: acknowledged = committed", durability, "", "equal, non-2xx 0", exact),
+        *context,
     ]
 
 

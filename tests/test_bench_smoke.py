@@ -115,6 +115,9 @@ def test_a_short_ingest_run_commits_exactly_what_it_acknowledged() -> None:
     rows = ingest.run(rounds=1, seconds=2.0, kinds=("pbx",), profile=False)
     durability = next(r for r in rows if "acknowledged = committed" in r["name"])
     assert durability["ok"], durability
+    ceilings = {r["name"].split(": ")[1]: r["figure"] for r in rows if r["unit"] == "req/s"}
+    assert set(ceilings) == {"bare Flask", "app", "plain WSGI (context)"}
+    assert all(isinstance(figure, float) and figure > 0 for figure in ceilings.values()), ceilings
 
 
 @HEAVY
