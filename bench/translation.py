@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from b24scribe.transcript import VendorResult  # noqa: E402
-from schemas import assemblyai, deepgram, openai, revai, speechmatics  # noqa: E402
+from schemas import assemblyai, deepgram, generic_transcript, openai, revai, speechmatics  # noqa: E402
 from schemas.bitrix24 import SideRules, build_messages  # noqa: E402
 
 TARGET_RATIO = 2.0
@@ -278,6 +278,21 @@ def openai_payload(words: int = WORDS, seed: int = 5) -> bytes:
     return json.dumps(body).encode()
 
 
+def generic_payload(words: int = WORDS, seed: int = 6) -> bytes:
+    """Our generic format (SPEC 3.2): one segment per turn, its channel, and the cost."""
+    rng = random.Random(seed)
+    segments = [
+        {
+            "start": turn[0][1],
+            "end": turn[-1][2],
+            "text": " ".join(f"{word}{punctuation}" for word, _s, _e, punctuation in turn),
+            "channel": channel,
+        }
+        for channel, _start, turn in _turns(rng, words)
+    ]
+    return json.dumps({"segments": segments, "cost": 0.25, "cost_currency": "USD"}).encode()
+
+
 Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
 CASES: tuple[tuple[str, Parser, Callable[[], bytes], Mapping[str, str]], ...] = (
     ("deepgram", deepgram.parse, deepgram_payload, {}),
@@ -285,6 +300,7 @@ CASES: tuple[tuple[str, Parser, Callable[[], bytes], Mapping[str, str]], ...] = 
     ("assemblyai", assemblyai.parse_transcript, assemblyai_payload, {}),
     ("revai", revai.parse_transcript, revai_payload, {"speaker_channels_count": "2"}),
     ("openai", openai.parse, openai_payload, {"channel": "0"}),
+    ("generic", generic_transcript.parse, generic_payload, {}),
 )
 
 

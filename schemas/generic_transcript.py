@@ -1,13 +1,20 @@
-"""Our own generic transcript format (`POST /hooks/stt/generic`, SPEC 3.2)."""
+"""Our own generic transcript format (`POST /hooks/stt/generic`, SPEC 3.2).
+
+The marshmallow schemas are the contract. msgspec takes the common valid body in one C pass (the
+PBX generic event does the same, schemas/pbx_events.py); whatever it declines is loaded by the
+schemas, which accept it or name the bad fields.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from b24scribe.transcript import CallReference, Segment, Side, Transcript, VendorResult
+from schemas._vendor_payload import new_segment
 from schemas.source import SttVendor, load_json
 
 
@@ -59,10 +66,83 @@ class GenericTranscriptSchema(Schema):
 
 GENERIC_TRANSCRIPT = GenericTranscriptSchema()
 
+SideName = Literal["User", "Client"]
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+
+
+class _SegmentFast(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """GenericSegmentSchema's rules for msgspec: narrower than the schema or equal, never wider.
+
+    No field admits null; numbers are strict (the schema also takes "1.5", and 3.0 as a channel:
+    via the fallback); NaN and out-of-range floats are not JSON msgspec reads.
+    """
+
+    start: Annotated[float, msgspec.Meta(ge=0)]
+    end: Annotated[float, msgspec.Meta(ge=0)]
+    text: str
+    side: SideName | _Unset = _UNSET
+    channel: Annotated[int, msgspec.Meta(ge=0, le=31)] | _Unset = _UNSET
+    speaker: str | int | _Unset = _UNSET  # bool and float are neither, as in the schema
+
+
+class _GenericTranscriptFast(msgspec.Struct, forbid_unknown_fields=True):
+    """GenericTranscriptSchema's rules for msgspec (tests/test_generic_transcript_fast_path.py)."""
+
+    segments: Annotated[list[_SegmentFast], msgspec.Meta(min_length=1)]
+    cost: Annotated[float, msgspec.Meta(ge=0)] | _Unset = _UNSET
+    cost_currency: Annotated[str, msgspec.Meta(max_length=50)] | _Unset = _UNSET
+    job_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | _Unset = _UNSET
+    pbx: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | _Unset = _UNSET
+    call: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | _Unset = _UNSET
+    b24_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | _Unset = _UNSET
+
+
+_FAST_DECODER = msgspec.json.Decoder(_GenericTranscriptFast)
+_OPTIONAL = ("cost", "cost_currency", "job_id", "pbx", "call", "b24_call_id")
+
+
+def _load_fast(raw_body: bytes) -> dict[str, Any] | None:
+    """What the schema would load, if msgspec's pass and the end-after-start check accept the body."""
+    try:
+        fast = _FAST_DECODER.decode(raw_body)
+    except msgspec.DecodeError:  # also its ValidationError: the schema says what is wrong
+        return None
+    segments: list[Segment] = []
+    append = segments.append
+    for item in fast.segments:
+        if item.end < item.start:
+            return None
+        channel, speaker, side = item.channel, item.speaker, item.side
+        segment = new_segment(
+            item.start,
+            item.end,
+            item.text,
+            None if channel is _UNSET else channel,
+            None if speaker is _UNSET else str(speaker),
+        )
+        if side is not _UNSET:
+            object.__setattr__(segment, "side", Side(side))  # Segment is frozen; this one is ours, still unshared
+        append(segment)
+    data: dict[str, Any] = {"segments": segments}
+    for name in _OPTIONAL:
+        if (value := getattr(fast, name)) is not _UNSET:
+            data[name] = value
+    return data
+
+
+def load(raw_body: bytes) -> dict[str, Any]:
+    """The loaded callback (segments as Segments): msgspec's pass, else the schema."""
+    data = _load_fast(raw_body)
+    if data is not None:
+        return data
+    loaded: dict[str, Any] = GENERIC_TRANSCRIPT.load(load_json(raw_body))
+    return loaded
+
 
 def parse(raw_body: bytes, query: Mapping[str, str]) -> VendorResult:
     """Read a generic transcript callback."""
-    data = GENERIC_TRANSCRIPT.load(load_json(raw_body))
+    data = load(raw_body)
     channel = query.get("channel")
     segments: list[Segment] = data["segments"]
     if channel is not None and channel.isdigit():
