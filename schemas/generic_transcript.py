@@ -99,7 +99,7 @@ class _GenericTranscriptFast(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _FAST_DECODER = msgspec.json.Decoder(_GenericTranscriptFast)
-_OPTIONAL = ("cost", "cost_currency", "job_id", "pbx", "call", "b24_call_id")
+_OPTIONAL = tuple(name for name in _GenericTranscriptFast.__struct_fields__ if name != "segments")
 
 
 def _load_fast(raw_body: bytes) -> dict[str, Any] | None:
