@@ -27,7 +27,7 @@ from schemas.generic_transcript import (
     load,
 )
 from schemas.source import load_json
-from tests.fast_paths import assert_fast_path_agrees
+from tests.fast_paths import JUNK, assert_fast_path_agrees, changed, texts
 
 
 def outcome(body: bytes, fast_path: bool = True) -> dict[str, Any]:
@@ -42,20 +42,7 @@ def by_schema(body: bytes) -> dict[str, Any]:
     return outcome(body, fast_path=False)
 
 
-def texts(*lengths: int) -> st.SearchStrategy[str]:
-    """Strings of these lengths, some not ASCII (the limits count characters)."""
-    return st.one_of(*(st.text(alphabet=st.sampled_from("a1+é☎😀 "), min_size=n, max_size=n) for n in lengths))
-
-
 SECONDS = st.one_of(st.floats(min_value=0, max_value=1e6), st.integers(min_value=0, max_value=10**6), st.just(-0.0))
-JUNK = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(),
-    st.text(max_size=4),
-    st.sampled_from([[], {}, ["a"], {"a": 1}, "1.5", "3"]),
-)
 SEGMENT_VALID: dict[str, st.SearchStrategy[Any]] = {
     "start": SECONDS,
     "end": SECONDS,
@@ -90,39 +77,17 @@ ENVELOPE_EDGES: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-@st.composite
-def changed(
-    draw: st.DrawFn,
-    valid: dict[str, st.SearchStrategy[Any]],
-    edges: dict[str, st.SearchStrategy[Any]],
-    required: tuple[str, ...],
-) -> dict[str, Any]:
-    """A valid object, then nothing, or up to two fields edged, junked, dropped, or an unknown one added."""
-    names = sorted(valid)
-    chosen = [*required, *draw(st.lists(st.sampled_from(names), unique=True))]
-    item = {name: draw(valid[name]) for name in dict.fromkeys(chosen)}
-    for _ in range(draw(st.integers(0, 2))):
-        name = draw(st.sampled_from(names))
-        change = draw(st.sampled_from(["edge", "junk", "drop", "unknown", "same", "same"]))
-        if change == "edge":
-            item[name] = draw(edges[name])
-        elif change == "junk":
-            item[name] = draw(JUNK)
-        elif change == "drop":
-            item.pop(name, None)
-        elif change == "unknown":
-            item[draw(st.sampled_from(["Start", "words", "confidence", "segments_"]))] = draw(JUNK)
-    return item
+UNKNOWN = ("Start", "words", "confidence", "segments_")
 
 
 @st.composite
 def callbacks(draw: st.DrawFn) -> dict[str, Any]:
-    segments = draw(st.lists(changed(SEGMENT_VALID, SEGMENT_EDGES, ("start", "end", "text")), max_size=4))
+    segments = draw(st.lists(changed(SEGMENT_VALID, SEGMENT_EDGES, ("start", "end", "text"), UNKNOWN), max_size=4))
     for segment in segments:  # mostly ending after it starts (else every payload is refused for that)
         start, end = segment.get("start"), segment.get("end")
         if type(start) in (int, float) and type(end) in (int, float) and draw(st.integers(0, 9)):
             segment["end"] = max(start, end)
-    payload = draw(changed(ENVELOPE_VALID, ENVELOPE_EDGES, ()))
+    payload = draw(changed(ENVELOPE_VALID, ENVELOPE_EDGES, (), UNKNOWN))
     if draw(st.integers(0, 9)):  # mostly present; else missing or junk
         payload["segments"] = segments
     elif draw(st.booleans()):

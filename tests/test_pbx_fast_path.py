@@ -31,7 +31,7 @@ from schemas.pbx_events import (
 )
 from schemas.source import load_json
 from tests.conftest import auth
-from tests.fast_paths import assert_fast_path_agrees
+from tests.fast_paths import assert_fast_path_agrees, changed, texts
 from tests.test_pbx_flow import FINISHED
 
 TYPICAL = {**FINISHED, "user_id": 7}  # every field of the schema
@@ -48,11 +48,6 @@ def outcome(parse: Callable[[bytes], CallEvent], body: bytes) -> CallEvent | dic
 def by_schema(body: bytes) -> CallEvent | dict[str, Any]:
     """What the contract makes of a body."""
     return outcome(lambda raw: parse_generic(load_json(raw)), body)
-
-
-def texts(*lengths: int) -> st.SearchStrategy[str]:
-    """Strings of these lengths, some not ASCII (the limits count characters)."""
-    return st.one_of(*(st.text(alphabet=st.sampled_from("a1+é☎😀 "), min_size=n, max_size=n) for n in lengths))
 
 
 # Values the schema accepts, and, per field, values at or past its edges.
@@ -90,35 +85,12 @@ EDGES: dict[str, st.SearchStrategy[Any]] = {
     "recording_url": st.sampled_from(["ftp://pbx/r.wav", "pbx/r.wav", "https://", "http://a b/r.wav"]),
     "line": texts(65),
 }
-JUNK = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(),
-    st.text(max_size=4),
-    st.sampled_from([[], {}, ["a"], {"a": 1}]),
-)
-FIELDS = sorted(VALID)
 REQUIRED = ("event", "call_id")
 
 
-@st.composite
-def payloads(draw: st.DrawFn) -> dict[str, Any]:
+def payloads() -> st.SearchStrategy[dict[str, Any]]:
     """A valid event, then nothing, or one to three fields edged, junked, dropped, or an unknown one added."""
-    chosen = [*REQUIRED, *draw(st.lists(st.sampled_from(FIELDS), unique=True))]
-    payload = {name: draw(VALID[name]) for name in dict.fromkeys(chosen)}
-    for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from(FIELDS))
-        change = draw(st.sampled_from(["edge", "junk", "drop", "unknown"]))
-        if change == "edge":
-            payload[name] = draw(EDGES[name])
-        elif change == "junk":
-            payload[name] = draw(JUNK)
-        elif change == "drop":
-            payload.pop(name, None)
-        else:
-            payload[draw(st.sampled_from(["from_", "callId", "Event", "extra"]))] = draw(JUNK)
-    return payload
+    return changed(VALID, EDGES, REQUIRED, ("from_", "callId", "Event", "extra"), most_changes=3)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
