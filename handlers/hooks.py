@@ -240,6 +240,8 @@ _RECEIVERS: dict[str, tuple[str, Callable[[_Hook, str], Stored], Container[str]]
     "/hooks/pbx/": ("pbx", receive_call_event, PBX_PARSERS),
     "/hooks/stt/": ("stt", receive_transcript, STT_VENDORS),
 }
+_PREFIX_LENGTH = len("/hooks/pbx/")
+assert {len(prefix) for prefix in _RECEIVERS} == {_PREFIX_LENGTH}  # one slice finds the receiver
 
 
 class HookLane:
@@ -262,11 +264,11 @@ class HookLane:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
-        receiver = _RECEIVERS.get(path[:11]) if environ.get("REQUEST_METHOD") == "POST" else None
-        if receiver is None or path[11:] not in receiver[2]:
+        receiver = _RECEIVERS.get(path[:_PREFIX_LENGTH]) if environ.get("REQUEST_METHOD") == "POST" else None
+        name = path[_PREFIX_LENGTH:]
+        if receiver is None or name not in receiver[2]:
             return self.wsgi_app(environ, start_response)
         source, receive, _known = receiver
-        name = path[11:]
         try:
             stored = receive(_Hook.of(Request(environ), self._extensions, source, name), name)
         except Exception as error:
