@@ -18,6 +18,7 @@ from b24scribe.ingest import CallEvent, TranscriptOptions
 from b24scribe.settings import Settings
 from b24scribe.transcript import CallReference, Direction, Role, VendorResult
 from schemas.bitrix24 import check_attributable
+from schemas.limits import MAX_PORTAL_LENGTH, check_call_event, check_reference, id_problem
 from schemas.pbx_events import parse_asterisk, parse_generic_body
 from schemas.registry import STT_VENDORS
 
@@ -72,6 +73,7 @@ def call_reference(query: Mapping[str, str], payload_reference: CallReference) -
             errors[name] = [f"the URL says {from_url!r} but the payload says {from_payload!r}"]
     if errors:
         raise ValidationError(errors)
+    check_reference(url)  # the payload's own reference was checked with the vendor's result
     merged = CallReference(
         pbx=url.pbx or payload_reference.pbx,
         pbx_call_id=url.pbx_call_id or payload_reference.pbx_call_id,
@@ -98,12 +100,18 @@ def parse_transcript(vendor: str, body: bytes, query: Mapping[str, str]) -> Pars
     return ParsedTranscript(result, reference, options)
 
 
+# The hooks refuse larger forms before parsing; this bounds the replay path too.
+MAX_FORM_FIELDS = 200
+
+
 def parse_form(body: bytes) -> dict[str, str]:
     """A form-encoded body; the first value of a repeated field wins."""
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
     except UnicodeDecodeError:
         raise ValidationError({"_body": ["the form body is not UTF-8"]}) from None
+    except ValueError:  # parse_qsl: more than max_num_fields
+        raise ValidationError({"_body": [f"the form has more than {MAX_FORM_FIELDS} fields"]}) from None
     form: dict[str, str] = {}
     for key, value in pairs:
         form.setdefault(key, value)
@@ -113,9 +121,11 @@ def parse_form(body: bytes) -> dict[str, str]:
 def parse_call_event(pbx: str, body: bytes, query: Mapping[str, str]) -> CallEvent:
     """Read a PBX's call event (KeyError for an unknown PBX); form PBXs may send it in the query."""
     if PBX_PARSERS[pbx] == "json":
+        # The hot path: its schema and fast path enforce all that check_call_event does (a test holds
+        # them to it), so the backstop for the other parsers is not paid twice here.
         return parse_generic_body(body)
     form: Mapping[str, str] = parse_form(body) if body else query
-    return parse_asterisk({key: value for key, value in form.items() if key != "token"})
+    return check_call_event(parse_asterisk({key: value for key, value in form.items() if key != "token"}))
 
 
 def resolve_portal(settings: Settings, query: Mapping[str, str]) -> str:
@@ -125,7 +135,9 @@ def resolve_portal(settings: Settings, query: Mapping[str, str]) -> str:
         return settings.portal
     known = settings.portal_urls()
     if not known:
-        return name  # dry-run: any label is fine, nothing is sent
+        if (problem := id_problem(name, MAX_PORTAL_LENGTH)) is not None:
+            raise ValidationError({"portal": [problem]})
+        return name  # dry-run: any printable label that fits the column is fine, nothing is sent
     if name not in known:
         raise ValidationError({"portal": [f"must be one of: {', '.join(sorted(known))}"]})
     return name

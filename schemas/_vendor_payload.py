@@ -19,13 +19,14 @@ from urllib.parse import parse_qsl
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
 from b24scribe.transcript import CallReference, Segment
+from schemas.limits import MAX_SECONDS as LIMIT_SECONDS
 from schemas.source import load_json
 
 FieldPath = tuple[str | int, ...]
 Kind = Literal["seconds", "milliseconds", "text", "index", "label"]
 
 NUMBER_TYPES = (float, int)  # `type(x) in NUMBER_TYPES`: bool is not a time
-MAX_SECONDS = 1e9  # ~31 years: larger "times" are garbage and would overflow float arithmetic
+MAX_SECONDS = LIMIT_SECONDS  # a week (SPEC 12): larger "times" are garbage
 MAX_MILLISECONDS = MAX_SECONDS * 1000
 
 MISSING = "Missing data for required field."

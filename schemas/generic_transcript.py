@@ -14,7 +14,18 @@ import msgspec
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from b24scribe.transcript import CallReference, Segment, Side, Transcript, VendorResult
-from schemas._vendor_payload import new_segment
+from schemas._vendor_payload import channel_from_query, new_segment
+from schemas.limits import (
+    MAX_B24_CALL_ID_LENGTH,
+    MAX_CHANNEL,
+    MAX_CURRENCY_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_JOB_ID_LENGTH,
+    MAX_PBX_LENGTH,
+    MAX_SECONDS,
+    StoredText,
+    has_unstorable,
+)
 from schemas.source import SttVendor, load_json
 
 
@@ -24,11 +35,11 @@ class GenericSegmentSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    start = fields.Float(required=True, validate=validate.Range(min=0), allow_nan=False)
-    end = fields.Float(required=True, validate=validate.Range(min=0), allow_nan=False)
-    text = fields.String(required=True)
+    start = fields.Float(required=True, validate=validate.Range(min=0, max=MAX_SECONDS), allow_nan=False)
+    end = fields.Float(required=True, validate=validate.Range(min=0, max=MAX_SECONDS), allow_nan=False)
+    text = fields.String(required=True)  # control characters become spaces after parsing (schemas.limits)
     side = fields.String(validate=validate.OneOf([s.value for s in Side]))
-    channel = fields.Integer(validate=validate.Range(min=0, max=31))
+    channel = fields.Integer(validate=validate.Range(min=0, max=MAX_CHANNEL))
     speaker = fields.Raw(validate=lambda v: isinstance(v, str | int) and not isinstance(v, bool))
 
     @validates_schema
@@ -57,11 +68,11 @@ class GenericTranscriptSchema(Schema):
 
     segments = fields.List(fields.Nested(GenericSegmentSchema), required=True, validate=validate.Length(min=1))
     cost = fields.Float(validate=validate.Range(min=0), allow_nan=False)
-    cost_currency = fields.String(validate=validate.Length(max=50))
-    job_id = fields.String(validate=validate.Length(min=1, max=200))
-    pbx = fields.String(validate=validate.Length(min=1, max=32))
-    call = fields.String(validate=validate.Length(min=1, max=128))
-    b24_call_id = fields.String(validate=validate.Length(min=1, max=128))
+    cost_currency = fields.String(validate=StoredText(MAX_CURRENCY_LENGTH))
+    job_id = fields.String(validate=StoredText(MAX_JOB_ID_LENGTH, identifier=True, min_length=1))
+    pbx = fields.String(validate=StoredText(MAX_PBX_LENGTH, identifier=True, min_length=1))
+    call = fields.String(validate=StoredText(MAX_ID_LENGTH, identifier=True, min_length=1))
+    b24_call_id = fields.String(validate=StoredText(MAX_B24_CALL_ID_LENGTH, identifier=True, min_length=1))
 
 
 GENERIC_TRANSCRIPT = GenericTranscriptSchema()
@@ -78,11 +89,11 @@ class _SegmentFast(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     via the fallback); NaN and out-of-range floats are not JSON msgspec reads.
     """
 
-    start: Annotated[float, msgspec.Meta(ge=0)]
-    end: Annotated[float, msgspec.Meta(ge=0)]
+    start: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+    end: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
     text: str
     side: SideName | _Unset = _UNSET
-    channel: Annotated[int, msgspec.Meta(ge=0, le=31)] | _Unset = _UNSET
+    channel: Annotated[int, msgspec.Meta(ge=0, le=MAX_CHANNEL)] | _Unset = _UNSET
     speaker: str | int | _Unset = _UNSET  # bool and float are neither, as in the schema
 
 
@@ -91,22 +102,23 @@ class _GenericTranscriptFast(msgspec.Struct, forbid_unknown_fields=True):
 
     segments: Annotated[list[_SegmentFast], msgspec.Meta(min_length=1)]
     cost: Annotated[float, msgspec.Meta(ge=0)] | _Unset = _UNSET
-    cost_currency: Annotated[str, msgspec.Meta(max_length=50)] | _Unset = _UNSET
-    job_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | _Unset = _UNSET
-    pbx: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | _Unset = _UNSET
-    call: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | _Unset = _UNSET
-    b24_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | _Unset = _UNSET
+    cost_currency: Annotated[str, msgspec.Meta(max_length=MAX_CURRENCY_LENGTH)] | _Unset = _UNSET
+    job_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH)] | _Unset = _UNSET
+    pbx: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PBX_LENGTH)] | _Unset = _UNSET
+    call: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)] | _Unset = _UNSET
+    b24_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_B24_CALL_ID_LENGTH)] | _Unset = _UNSET
 
 
 _FAST_DECODER = msgspec.json.Decoder(_GenericTranscriptFast)
 _OPTIONAL = tuple(name for name in _GenericTranscriptFast.__struct_fields__ if name != "segments")
+_IDS = ("job_id", "pbx", "call", "b24_call_id")
 
 
 def _load_fast(raw_body: bytes) -> dict[str, Any] | None:
     """What the schema would load, if msgspec's pass and the end-after-start check accept the body."""
     try:
         fast = _FAST_DECODER.decode(raw_body)
-    except msgspec.DecodeError:  # also its ValidationError: the schema says what is wrong
+    except (msgspec.DecodeError, UnicodeDecodeError):  # also its ValidationError: the schema says what is wrong
         return None
     segments: list[Segment] = []
     append = segments.append
@@ -128,7 +140,19 @@ def _load_fast(raw_body: bytes) -> dict[str, Any] | None:
     for name in _OPTIONAL:
         if (value := getattr(fast, name)) is not _UNSET:
             data[name] = value
+    # An id or currency with a control character (msgspec reads "\u0000" as it is), or an id that is
+    # not printable: the schema names the field. Segment text and speakers are cleaned after parsing.
+    if len(data) > 1 and _unstorable_optional(data):
+        return None
     return data
+
+
+def _unstorable_optional(data: dict[str, Any]) -> bool:
+    for name in _IDS:
+        if (value := data.get(name)) is not None and not value.isprintable():  # control characters, surrogates
+            return True
+    currency = data.get("cost_currency")
+    return currency is not None and has_unstorable(currency)
 
 
 def load(raw_body: bytes) -> dict[str, Any]:
@@ -143,13 +167,11 @@ def load(raw_body: bytes) -> dict[str, Any]:
 def parse(raw_body: bytes, query: Mapping[str, str]) -> VendorResult:
     """Read a generic transcript callback."""
     data = load(raw_body)
-    channel = query.get("channel")
+    channel = channel_from_query(query)
     segments: list[Segment] = data["segments"]
-    if channel is not None and channel.isdigit():
+    if channel is not None:
         segments = [
-            s
-            if s.channel is not None or s.side is not None
-            else Segment(s.start, s.end, s.text, int(channel), s.speaker)
+            s if s.channel is not None or s.side is not None else Segment(s.start, s.end, s.text, channel, s.speaker)
             for s in segments
         ]
     return VendorResult(

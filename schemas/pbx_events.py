@@ -12,6 +12,17 @@ from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_lo
 
 from b24scribe.ingest import CallEvent
 from b24scribe.transcript import Direction
+from schemas.limits import (
+    MAX_DURATION,
+    MAX_EXTENSION_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_LINE_LENGTH,
+    MAX_NUMBER_LENGTH,
+    MAX_URL_LENGTH,
+    MAX_USER_ID,
+    StoredText,
+    has_unstorable,
+)
 from schemas.source import load_json
 
 UNIX_SECONDS = re.compile(r"\d{9,11}(\.\d+)?")  # Asterisk ${CDR(start,u)}: 1700000000.123456
@@ -75,17 +86,17 @@ class GenericCallEventSchema(Schema):
         unknown = RAISE
 
     event = fields.String(required=True, validate=validate.OneOf(EVENTS))
-    call_id = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    call_id = fields.String(required=True, validate=StoredText(MAX_ID_LENGTH, identifier=True, min_length=1))
     direction = fields.String(validate=validate.OneOf([d.value for d in Direction]))
-    from_ = fields.String(data_key="from", validate=validate.Length(max=64))
-    to = fields.String(validate=validate.Length(max=64))
-    extension = fields.String(validate=validate.Length(max=64))
-    user_id = fields.Integer(validate=validate.Range(min=1), strict=False)
+    from_ = fields.String(data_key="from", validate=StoredText(MAX_NUMBER_LENGTH))
+    to = fields.String(validate=StoredText(MAX_NUMBER_LENGTH))
+    extension = fields.String(validate=StoredText(MAX_EXTENSION_LENGTH))
+    user_id = fields.Integer(validate=validate.Range(min=1, max=MAX_USER_ID), strict=False)
     started_at = StartedAt()
-    duration = fields.Integer(validate=validate.Range(min=0))
+    duration = fields.Integer(validate=validate.Range(min=0, max=MAX_DURATION))
     status = fields.String(validate=validate.OneOf(STATUSES))
-    recording_url = fields.Url(schemes={"http", "https"}, require_tld=False)
-    line = fields.String(validate=validate.Length(max=64))
+    recording_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=StoredText(MAX_URL_LENGTH))
+    line = fields.String(validate=StoredText(MAX_LINE_LENGTH))
 
     @post_load
     def make_event(self, data: dict[str, Any], **_: Any) -> CallEvent:
@@ -128,7 +139,7 @@ class AsteriskCallEventSchema(GenericCallEventSchema):
             status = cleaned["status"]
             cleaned["status"] = ASTERISK_STATUSES.get(status.upper(), status.lower())
         if "duration" in cleaned:
-            with contextlib.suppress(ValueError):  # the Integer field reports it
+            with contextlib.suppress(ValueError, OverflowError):  # the Integer field reports it ("nan", "inf")
                 cleaned["duration"] = int(float(cleaned["duration"]))
         if "extension" in cleaned and (match := PEER_EXTENSION.match(cleaned["extension"])):
             cleaned["extension"] = match.group(1)
@@ -150,17 +161,17 @@ class _GenericCallEventFast(msgspec.Struct, forbid_unknown_fields=True, rename={
     """
 
     event: EventName
-    call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
     direction: DirectionName | msgspec.UnsetType = msgspec.UNSET
-    from_: Annotated[str, msgspec.Meta(max_length=64)] | msgspec.UnsetType = msgspec.UNSET
-    to: Annotated[str, msgspec.Meta(max_length=64)] | msgspec.UnsetType = msgspec.UNSET
-    extension: Annotated[str, msgspec.Meta(max_length=64)] | msgspec.UnsetType = msgspec.UNSET
-    user_id: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
+    from_: Annotated[str, msgspec.Meta(max_length=MAX_NUMBER_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
+    to: Annotated[str, msgspec.Meta(max_length=MAX_NUMBER_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
+    extension: Annotated[str, msgspec.Meta(max_length=MAX_EXTENSION_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
+    user_id: Annotated[int, msgspec.Meta(ge=1, le=MAX_USER_ID)] | msgspec.UnsetType = msgspec.UNSET
     started_at: str | int | float | msgspec.UnsetType = msgspec.UNSET
-    duration: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    duration: Annotated[int, msgspec.Meta(ge=0, le=MAX_DURATION)] | msgspec.UnsetType = msgspec.UNSET
     status: StatusName | msgspec.UnsetType = msgspec.UNSET
-    recording_url: str | msgspec.UnsetType = msgspec.UNSET
-    line: Annotated[str, msgspec.Meta(max_length=64)] | msgspec.UnsetType = msgspec.UNSET
+    recording_url: Annotated[str, msgspec.Meta(max_length=MAX_URL_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
+    line: Annotated[str, msgspec.Meta(max_length=MAX_LINE_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
 
 
 _FAST_DECODER = msgspec.json.Decoder(_GenericCallEventFast)
@@ -171,11 +182,23 @@ def _unset_to_none(value: Any) -> Any:
     return None if value is msgspec.UNSET else value
 
 
+def _has_unstorable_text(fast: _GenericCallEventFast) -> bool:
+    """A control character or lone surrogate in a plain string field: the schema names it (msgspec reads
+    "\\u0000" as it is). `recording_url` is checked by its field's own validators, `started_at` by its parser."""
+    texts = [fast.call_id]
+    for value in (fast.from_, fast.to, fast.extension, fast.line):
+        if value is not msgspec.UNSET:
+            texts.append(value)
+    return not fast.call_id.isprintable() or has_unstorable("".join(texts))  # an id: printable text only
+
+
 def _parse_generic_fast(body: bytes) -> CallEvent | None:
     """The event if msgspec's pass and the two checks it cannot express accept it, else None."""
     try:
         fast = _FAST_DECODER.decode(body)
-    except msgspec.DecodeError:  # also its ValidationError: the schema says what is wrong
+    except (msgspec.DecodeError, UnicodeDecodeError):  # also its ValidationError: the schema says what is wrong
+        return None
+    if _has_unstorable_text(fast):
         return None
     started_at = None
     if fast.started_at is not msgspec.UNSET and (started_at := normalise_started_at(fast.started_at)) is None:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import ValidationError, fields, post_load
+from marshmallow import ValidationError, fields, post_load, validate
 
 from b24scribe.transcript import CallReference, Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
@@ -47,12 +47,14 @@ from schemas._vendor_payload import (
     reference_from_mapping,
     reference_from_query_string,
 )
+from schemas.limits import MAX_CHANNEL
 from schemas.source import SttVendor, load_json
 
 FAILED_STATUSES = frozenset({"error", "fetch_error", "trim_error"})
 UNKNOWN_SPEAKER = "UU"
 _UNSEEN = object()  # no channel label seen yet
-_DEFAULT_CHANNEL_LABEL = re.compile(r"channel[ _]?([0-9]+)", re.IGNORECASE)
+# at most 2 digits: channels are counted 1 to 32 here (0 to 31 in SPEC 12), and int() of 5,000 digits raises
+_DEFAULT_CHANNEL_LABEL = re.compile(r"channel[ _]?([0-9]{1,2})", re.IGNORECASE)
 _RESULTS_REQUIRED = (
     'Missing data for required field: the notification must send the json-v2 transcript, "contents": ["transcript"].'
 )
@@ -86,7 +88,9 @@ class _JobSchema(VendorSchema):
 
 
 class _TranscriptionConfigSchema(VendorSchema):
-    channel_diarization_labels = fields.List(fields.String(), load_default=list)
+    channel_diarization_labels = fields.List(
+        fields.String(), load_default=list, validate=validate.Length(max=MAX_CHANNEL + 1)
+    )
 
 
 class _MetadataSchema(VendorSchema):
@@ -247,7 +251,7 @@ def _channel_index(label: Any) -> int | None:
     if type(label) is not str:
         return None
     match = _DEFAULT_CHANNEL_LABEL.fullmatch(label.strip())
-    if match is None or int(match.group(1)) < 1:
+    if match is None or not 1 <= int(match.group(1)) <= MAX_CHANNEL + 1:
         return None
     return int(match.group(1)) - 1
 

@@ -9,14 +9,31 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+# Strings no column may hold, or only just: NUL and other controls (C0, DEL, C1), lone surrogates,
+# text that is not printable, and lengths past every column.
+HOSTILE_TEXT = st.sampled_from(
+    ["\x00", "a\x00b", "\ud800", "x\udfff", "\x1b[0m", "\x7f", "\x85", "a\u2028b", "x" * 201]
+)
 JUNK = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([2**31 - 1, 2**31, 604_800, 604_801, 2**63, -(2**63) - 1]),
     st.floats(),
     st.text(max_size=4),
+    HOSTILE_TEXT,
     st.sampled_from([[], {}, ["a"], {"a": 1}, "1.5", "3"]),
 )
+# Bodies that are not what json.dumps writes: each fast path must decline them or read them as its schema does.
+HOSTILE_BODIES: list[bytes] = [
+    b"\xff\xfe",
+    b'{"a": "\xff"}',
+    b'{"a": "\xed\xa0\x80"}',  # a UTF-8-encoded surrogate: json.loads reads it, msgspec does not
+    b"[" * 10_000 + b"]" * 10_000,
+    b"1" + b"0" * 5000,
+    b"1e400",
+    b"NaN",
+]
 
 
 def texts(*lengths: int) -> st.SearchStrategy[str]:

@@ -27,7 +27,7 @@ from schemas.generic_transcript import (
     load,
 )
 from schemas.source import load_json
-from tests.fast_paths import JUNK, assert_fast_path_agrees, changed, texts
+from tests.fast_paths import HOSTILE_BODIES, HOSTILE_TEXT, JUNK, assert_fast_path_agrees, changed, texts
 
 
 def outcome(body: bytes, fast_path: bool = True) -> dict[str, Any]:
@@ -52,28 +52,28 @@ SEGMENT_VALID: dict[str, st.SearchStrategy[Any]] = {
     "speaker": st.one_of(texts(0, 1, 3), st.integers(min_value=-(2**70), max_value=2**70)),
 }
 SEGMENT_EDGES: dict[str, st.SearchStrategy[Any]] = {
-    "start": st.sampled_from([-0.001, -1, "1.5", 1e300, 2**80]),
-    "end": st.sampled_from([-1, "2", 1e308]),
-    "text": st.sampled_from([1, None, ["a"]]),
+    "start": st.sampled_from([-0.001, -1, "1.5", 1e300, 2**80, 604_800, 604_800.001]),
+    "end": st.sampled_from([-1, "2", 1e308, 604_800, 604_801]),
+    "text": st.one_of(st.sampled_from([1, None, ["a"]]), HOSTILE_TEXT),
     "side": st.sampled_from(["user", "client", "", "Agent"]),
     "channel": st.sampled_from([-1, 32, 3.0, "3", 1.5, True]),
-    "speaker": st.sampled_from([True, 1.0, None, [], {}]),
+    "speaker": st.one_of(st.sampled_from([True, 1.0, None, [], {}]), HOSTILE_TEXT),
 }
 ENVELOPE_VALID: dict[str, st.SearchStrategy[Any]] = {
     "cost": st.one_of(st.floats(min_value=0, max_value=1e6), st.integers(min_value=0, max_value=10**6)),
     "cost_currency": texts(0, 3, 50),
-    "job_id": texts(1, 200),
+    "job_id": texts(1, 128),
     "pbx": texts(1, 32),
     "call": texts(1, 128),
     "b24_call_id": texts(1, 128),
 }
 ENVELOPE_EDGES: dict[str, st.SearchStrategy[Any]] = {
     "cost": st.sampled_from([-0.01, "0.12", 1e308, 2**80]),
-    "cost_currency": texts(51),
-    "job_id": texts(0, 201),
-    "pbx": texts(0, 33),
-    "call": texts(0, 129),
-    "b24_call_id": texts(0, 129),
+    "cost_currency": st.one_of(texts(51), HOSTILE_TEXT),
+    "job_id": st.one_of(texts(0, 129), HOSTILE_TEXT),
+    "pbx": st.one_of(texts(0, 33), HOSTILE_TEXT),
+    "call": st.one_of(texts(0, 129), HOSTILE_TEXT),
+    "b24_call_id": st.one_of(texts(0, 129), HOSTILE_TEXT),
 }
 
 
@@ -100,7 +100,8 @@ def callbacks(draw: st.DrawFn) -> dict[str, Any]:
 def test_the_fast_path_never_accepts_what_the_schema_refuses_or_reads_it_differently(
     payload: dict[str, Any], ensure_ascii: bool
 ) -> None:
-    assert_fast_path_agrees(json.dumps(payload, ensure_ascii=ensure_ascii).encode(), _load_fast, outcome, by_schema)
+    body = json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+    assert_fast_path_agrees(body, _load_fast, outcome, by_schema)
 
 
 @settings(max_examples=500, deadline=None)
@@ -111,13 +112,13 @@ def test_arbitrary_bytes_are_never_taken_by_the_fast_path_unless_the_schema_agre
 
 SEGMENT = '{"start": 0.5, "end": 1.5, "text": "Hello"'
 VALID_SEGMENT = {"start": 0.5, "end": 1.5, "text": "Hello", "side": "User", "channel": 1, "speaker": "A"}
-EDGE_VALUES = {
+EDGE_VALUES: dict[str, list[Any]] = {
     "start": [-0.001, -1, "1.5", 1e300, 2**80, True, None],
-    "end": [-1, "2", 1e308, 0.4999, False],
-    "text": [1, None, ["a"], ""],
+    "end": [-1, "2", 1e308, 0.4999, False, 604_800, 604_800.5],
+    "text": [1, None, ["a"], "", "a\x00b", "\ud800", "\x85"],
     "side": ["user", "client", "", "Agent", None],
     "channel": [-1, 31, 32, 3.0, "3", 1.5, True, None],
-    "speaker": [True, 1.0, None, [], {}, "", 0, -5, 2**70],
+    "speaker": [True, 1.0, None, [], {}, "", 0, -5, 2**70, "\x00", "\udfff"],
 }
 
 
@@ -140,19 +141,24 @@ def test_each_segment_field_at_its_edges_ends_as_the_schema_says(name: str, valu
         b'{"segments": [' + SEGMENT.encode() + b"}]} trailing",
         b"[]",
         b'{"segments": []}',
+        b'{"segments": [' + SEGMENT.encode() + b', "text": "caf\xe9"}]}',  # not UTF-8 inside a string
+        b'{"segments": [' + SEGMENT.encode() + b'}], "job_id": "\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"segments": [' + SEGMENT.encode() + b'}], "call": "a\\u0000b", "pbx": "x"}',
+        b'{"segments": [' + SEGMENT.encode() + b', "channel": ' + b"3" * 5000 + b"}]}",
+        *HOSTILE_BODIES,
     ],
 )
 def test_json_corner_cases_end_as_the_schema_says(body: bytes) -> None:
     assert_fast_path_agrees(body, _load_fast, outcome, by_schema)
 
 
-ENVELOPE_EDGE_VALUES = {
+ENVELOPE_EDGE_VALUES: dict[str, list[Any]] = {
     "cost": [-0.01, "0.12", 0, 2**80, None, True],
-    "cost_currency": ["x" * 50, "é" * 51, "", None, 1],
-    "job_id": ["", "j" * 200, "☎" * 201, None, 7],
-    "pbx": ["", "p" * 32, "p" * 33, None],
-    "call": ["", "c" * 128, "😀" * 129, None, 1700000000.5],
-    "b24_call_id": ["", "b" * 128, "b" * 129, None],
+    "cost_currency": ["x" * 50, "é" * 51, "", None, 1, "US\x00", "\ud800"],
+    "job_id": ["", "j" * 128, "☎" * 129, None, 7, "j\x00", "j\u2028", "\udfff"],
+    "pbx": ["", "p" * 32, "p" * 33, None, "p\x1b"],
+    "call": ["", "c" * 128, "😀" * 129, None, 1700000000.5, "c\x7f", "\ud800"],
+    "b24_call_id": ["", "b" * 128, "b" * 129, None, "b\x00"],
     "segments": [None, [], {}, "x", [None], [[]]],
 }
 

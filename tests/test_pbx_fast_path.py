@@ -31,7 +31,7 @@ from schemas.pbx_events import (
 )
 from schemas.source import load_json
 from tests.conftest import auth
-from tests.fast_paths import assert_fast_path_agrees, changed, texts
+from tests.fast_paths import HOSTILE_BODIES, HOSTILE_TEXT, assert_fast_path_agrees, changed, texts
 from tests.test_pbx_flow import FINISHED
 
 TYPICAL = {**FINISHED, "user_id": 7}  # every field of the schema
@@ -58,32 +58,34 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "from": texts(0, 1, 63, 64),
     "to": texts(0, 64),
     "extension": texts(1, 64),
-    "user_id": st.integers(min_value=1, max_value=2**70),
+    "user_id": st.integers(min_value=1, max_value=2**31 - 1),
     "started_at": st.one_of(
         st.sampled_from(["2026-11-25T10:20:30+01:00", "2026-11-25 10:20:30+0100", "2026-11-25T10:20:30Z"]),
         st.sampled_from([" 1700000000.123456 ", "1700000000", 1700000000, 1700000000.5]),
         st.integers(min_value=-(10**10), max_value=10**10),
     ),
-    "duration": st.integers(min_value=0, max_value=2**70),
+    "duration": st.integers(min_value=0, max_value=604_800),
     "status": st.sampled_from(pbx_events.STATUSES),
     "recording_url": st.sampled_from(["https://pbx.example/r.wav", "http://pbx/r.wav", "http://10.0.0.5:8088/r?id=1"]),
     "line": texts(0, 64),
 }
 EDGES: dict[str, st.SearchStrategy[Any]] = {
     "event": st.sampled_from(["finished", "call.ended", "CALL.STARTED", "call.started "]),
-    "call_id": texts(0, 129),
+    "call_id": st.one_of(texts(0, 129), HOSTILE_TEXT, st.sampled_from(["a\u2028b", "\u200b"])),
     "direction": st.sampled_from(["Inbound", "in", ""]),
-    "from": texts(65, 66),
-    "to": texts(65),
-    "extension": texts(65),
-    "user_id": st.sampled_from([0, -1, "5", " 5", 5.0, 5.5, "x"]),
+    "from": st.one_of(texts(65, 66), HOSTILE_TEXT),
+    "to": st.one_of(texts(65), HOSTILE_TEXT),
+    "extension": st.one_of(texts(65), HOSTILE_TEXT),
+    "user_id": st.sampled_from([0, -1, "5", " 5", 5.0, 5.5, "x", 2**31, 2**70, 2**31 - 1]),
     "started_at": st.sampled_from(
         ["2026-11-25T10:20:30", "17000000001234", "yesterday", 1e20, -1e18, "2026-13-01T00:00+00:00"]
     ),
-    "duration": st.sampled_from([-1, "73", 73.0, 73.5, "73s"]),
+    "duration": st.sampled_from([-1, "73", 73.0, 73.5, "73s", 604_801, 2**70]),
     "status": st.sampled_from(["ANSWER", "congestion", "Answered", ""]),
-    "recording_url": st.sampled_from(["ftp://pbx/r.wav", "pbx/r.wav", "https://", "http://a b/r.wav"]),
-    "line": texts(65),
+    "recording_url": st.sampled_from(
+        ["ftp://pbx/r.wav", "pbx/r.wav", "https://", "http://a b/r.wav", "http://pbx/r\x00.wav", "http://pbx/\ud800"]
+    ),
+    "line": st.one_of(texts(65), HOSTILE_TEXT),
 }
 REQUIRED = ("event", "call_id")
 
@@ -98,7 +100,7 @@ def payloads() -> st.SearchStrategy[dict[str, Any]]:
 def test_the_fast_path_never_accepts_what_the_schema_refuses_or_reads_it_differently(
     payload: dict[str, Any], ensure_ascii: bool
 ) -> None:
-    body = json.dumps(payload, ensure_ascii=ensure_ascii).encode()
+    body = json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
     assert_fast_path_agrees(body, _parse_generic_fast, lambda raw: outcome(parse_generic_body, raw), by_schema)
 
 
@@ -117,6 +119,14 @@ def test_arbitrary_bytes_are_never_taken_by_the_fast_path_unless_the_schema_agre
         b'{"event": "call.started", "call_id": "a", "duration": NaN}',
         b'{"event": "call.started", "call_id": "a", "user_id": 1e400}',
         b'{"event": "call.started", "call_id": "a"} trailing',
+        b'{"event": "call.started", "call_id": "1700000000.\xff"}',  # not UTF-8 inside a string
+        b'{"event": "call.started", "call_id": "\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"event": "call.started", "call_id": "a\\u0000b"}',
+        b'{"event": "call.started", "call_id": "a", "from": "\\u0085"}',
+        b'{"event": "call.started", "call_id": "a", "user_id": ' + b"9" * 5000 + b"}",
+        b'{"event": "call.finished", "call_id": "a", "duration": 604801}',
+        b'{"event": "call.started", "call_id": "a", "user_id": 2147483648}',
+        *HOSTILE_BODIES,
     ],
 )
 def test_json_corner_cases_end_as_the_schema_says(body: bytes) -> None:

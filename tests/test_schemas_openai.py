@@ -116,7 +116,7 @@ def test_not_a_number_and_infinity_are_not_times() -> None:
     assert caught.value.messages == {
         "segments": {
             0: {"start": ["Not a finite number."]},
-            1: {"end": ["Must be a finite number of at most 1e+09 seconds."]},
+            1: {"end": ["Must be a finite number of at most 604800 seconds."]},
         }
     }
 

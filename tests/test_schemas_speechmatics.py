@@ -169,3 +169,23 @@ def test_default_channel_labels_in_either_spelling() -> None:
     transcript = speechmatics.parse(json.dumps(body).encode(), SUCCESS).transcript
     assert transcript is not None
     assert [segment.channel for segment in transcript.segments] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("label", ["channel_" + "9" * 5000, "Channel 33", "channel_0", "channel_100"])
+def test_a_default_channel_label_past_channel_32_names_the_channel_field(label: str) -> None:
+    document = fixture_json("channel_diarization.json")
+    document["results"][0]["channel"] = label
+    errors = errors_of(document)
+    assert "Not one of channel_diarization_labels" in errors["results"][0]["channel"][0]
+
+
+def test_channel_32_is_the_last_default_label() -> None:
+    document = fixture_json("channel_diarization.json")
+    document["results"][0]["channel"] = "channel_32"
+    assert speechmatics.parse(json.dumps(document).encode(), SUCCESS).transcript.segments[0].channel == 31  # type: ignore[union-attr]
+
+
+def test_more_than_32_channel_labels_is_a_422_naming_the_field() -> None:
+    document = fixture_json("channel_labels.json")
+    document["metadata"]["transcription_config"]["channel_diarization_labels"] = [f"L{i}" for i in range(33)]
+    assert "channel_diarization_labels" in json.dumps(errors_of(document))
