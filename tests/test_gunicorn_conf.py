@@ -27,3 +27,11 @@ def test_the_access_log_is_on_by_default_and_0_turns_it_off(monkeypatch: pytest.
     assert load_gunicorn_config().accesslog == "-"  # one line per request on stdout
     monkeypatch.setenv("B24SCRIBE_ACCESS_LOG", "0")
     assert load_gunicorn_config().accesslog is None
+
+
+def test_what_gunicorn_reads_before_the_app_is_bounded() -> None:
+    config = load_gunicorn_config()
+    assert config.limit_request_line == 4094  # the query is in it: 200 short fields fit, millions do not
+    assert len("/hooks/stt/generic?" + "&".join(f"f{n}=1" for n in range(200))) < config.limit_request_line
+    assert (config.limit_request_fields, config.limit_request_field_size) == (100, 8190)
+    assert config.keepalive <= 5  # the gevent worker also reads a request's headers within it

@@ -79,6 +79,8 @@ def conversation() -> list[Request]:
         Request("POST", "/hooks/stt/generic", SIGNED_BODY, {**JSON, **auth()}),  # no call named
         Request("POST", "/hooks/stt/deepgram?b24_call_id=externalCall.abc.4", b"{}", {**JSON, **auth()}),
         Request("POST", "/hooks/stt/nosuchvendor", SIGNED_BODY, {**JSON, **auth()}),
+        pbx(CALL, path="/hooks/pbx/generic?" + "&".join(f"f{n}=1" for n in range(201))),  # 400: too many fields
+        pbx({**CALL, **{f"u{n}": 0 for n in range(300)}}),  # 422 naming the first 20 and "and 280 more"
     ]
 
 
@@ -136,7 +138,7 @@ def test_the_lane_answers_and_stores_exactly_as_the_flask_views(two_apps: tuple[
         assert via_lane.headers.get("X-Request-Id") and via_flask.headers.get("X-Request-Id"), request
     # the conversation covers what it says it does
     assert statuses[:16] == [202, 200, 202, 401, 401, 422, 422, 422, 422, 422, 413, 202, 404, 404, 405, 405]
-    assert statuses[16:] == [202, 200, 202, 401, 422, 422, 422, 404]
+    assert statuses[16:] == [202, 200, 202, 401, 422, 422, 422, 404, 400, 422]
     assert stored(lane_app) == stored(flask_app)
     assert len(stored(lane_app)) > 10
 
@@ -157,11 +159,11 @@ def test_the_lane_takes_the_known_hooks_and_flask_everything_else(app: Flask) ->
     assert dispatched == ["/hooks/pbx/nosuchpbx", "/livez"]
 
 
-def test_a_bug_in_a_hook_is_a_logged_500_in_the_one_error_shape(
+def test_a_bug_in_a_parser_is_logged_and_the_event_kept_as_rejected_never_a_500(
     two_apps: tuple[Flask, Flask], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*_: Any) -> None:
-        raise RuntimeError("a bug")
+        raise RecursionError("a bug")
 
     monkeypatch.setattr("handlers.hooks.parse_call_event", broken)
     lane_app, flask_app = two_apps
@@ -169,7 +171,29 @@ def test_a_bug_in_a_hook_is_a_logged_500_in_the_one_error_shape(
         via_lane = lane_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
     via_flask = send(flask_only(flask_app), pbx(CALL))
 
-    assert via_lane.status_code == 500
+    assert via_lane.status_code == 422  # the sender's body may be fine: it is kept, to replay after the fix
+    assert via_lane.get_json()["error"]["fields"]["_body"] == [
+        "this version cannot read the call event; it is kept and can be replayed after a fix"
+    ]
+    assert (via_lane.status_code, via_lane.get_data()) == (via_flask.status_code, via_flask.get_data())
+    logged = [record for record in caplog.records if "a hook's parser failed" in str(record.msg)]
+    assert logged and logged[0].exc_info is not None
+    assert [row[6] for row in stored(lane_app)] == ["rejected"]
+
+
+def test_a_bug_while_storing_is_a_logged_500_in_the_one_error_shape(
+    two_apps: tuple[Flask, Flask], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("handlers.hooks.store_event", broken)
+    lane_app, flask_app = two_apps
+    with caplog.at_level(logging.ERROR):
+        via_lane = lane_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
+    via_flask = send(flask_only(flask_app), pbx(CALL))
+
+    assert via_lane.status_code == 500  # nothing is stored: the sender retries
     assert via_lane.get_json()["error"]["code"] == "http_error"
     assert (via_lane.status_code, via_lane.get_data()) == (via_flask.status_code, via_flask.get_data())
     logged = [record for record in caplog.records if "unhandled error in a hook" in str(record.msg)]

@@ -111,6 +111,37 @@ class TestAuthentication:
         headers = {"Content-Type": "application/json", **sign_standard_webhook(body, timestamp=time.time() - 400)}
         assert client.post(URL, data=body, headers=headers).status_code == 401
 
+    @pytest.mark.parametrize("value", ["Basic a\u00e90(:r_s", "Basic \u00ff\u00ff", "Basic ====", "Bearer", "\u00e9"])
+    def test_a_malformed_authorization_header_is_a_401_never_a_500(
+        self, client: FlaskClient, database: Database, value: str
+    ) -> None:
+        response = client.post(URL, json=TRANSCRIPT, headers={"Authorization": value})
+        assert response.status_code == 401, response.get_data(as_text=True)
+        assert response.json is not None and response.json["error"]["code"] == "bad_credentials"
+        assert count(database, InboundEvent) == 0
+
+    @pytest.mark.parametrize(
+        ("header", "value"),
+        [
+            ("webhook-timestamp", "1e400"),
+            ("webhook-timestamp", "9" * 5000),
+            ("webhook-timestamp", "-99999999999999999999"),
+            ("webhook-signature", "v1"),
+            ("webhook-signature", "v1,%%%not-base64"),
+            ("webhook-signature", "v2,abc v1,"),
+            ("webhook-id", "\u00e9\u00e9"),
+        ],
+    )
+    def test_a_malformed_signature_header_is_a_401_never_a_500(
+        self, client: FlaskClient, database: Database, header: str, value: str
+    ) -> None:
+        body = json.dumps(TRANSCRIPT).encode()
+        headers = {"Content-Type": "application/json", **sign_standard_webhook(body), header: value}
+        response = client.post(URL, data=body, headers=headers)
+        assert response.status_code == 401, response.get_data(as_text=True)
+        assert response.json is not None and response.json["error"]["code"] == "bad_signature"
+        assert count(database, InboundEvent) == 0
+
 
 class TestStorage:
     def test_an_accepted_transcript_is_stored_with_its_raw_body_and_its_job_in_one_commit(
@@ -179,6 +210,7 @@ class TestStorage:
             session.execute(text("DROP TABLE job"))
         response = client.post(URL, json=TRANSCRIPT, headers=auth())
         assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"  # the contract for "could not store" (SPEC 5)
         assert response.json is not None
         assert response.json["error"]["code"] == "storage_unavailable"
 
@@ -244,20 +276,17 @@ class TestValidation:
 def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_the_others(
     client: FlaskClient, database: Database, worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from b24scribe import ingest
-
-    client.post(URL, json=TRANSCRIPT, headers=auth())
+    first = client.post(URL, json=TRANSCRIPT, headers=auth()).json["event_id"]  # type: ignore[index]
     client.post("/hooks/stt/generic?b24_call_id=externalCall.next.2", json=TRANSCRIPT, headers=auth())
-    real_fold = ingest.fold_transcript
-    calls = {"n": 0}
+    real_fold = inbox.fold_batch
+    broken = {"now": True}
 
-    def fail_first(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
+    def fail_on_the_first(session: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if broken["now"] and any(folding.event_id == first for folding in batch):
             raise RuntimeError("a bug in the fold")
-        return real_fold(*args, **kwargs)
+        return real_fold(session, batch, *args, **kwargs)
 
-    monkeypatch.setattr("b24scribe.inbox.fold_transcript", fail_first)
+    monkeypatch.setattr("b24scribe.inbox.fold_batch", fail_on_the_first)
     assert inbox.apply_pending(database, worker.settings) == 2
     with database.read() as session:
         applies = list(session.scalars(select(Job).where(Job.kind == "apply").order_by(Job.id)))
@@ -267,6 +296,7 @@ def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_t
         retried = applies[0].id
     with database.write() as session:
         session.get_one(Job, retried).next_attempt_at = 0
+    broken["now"] = False  # the bug is fixed
     assert inbox.apply_pending(database, worker.settings) == 1
     assert count(database, TranscriptPart) == 2
 
