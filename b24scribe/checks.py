@@ -67,6 +67,10 @@ def check_settings(settings: Settings) -> list[Finding]:
         findings.append(warning("B24SCRIBE_ADMIN_TOKEN is not set: the admin API and the status page are disabled"))
     elif len(settings.admin_token) < MIN_TOKEN_LENGTH:
         findings.append(warning(f"B24SCRIBE_ADMIN_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: easy to guess"))
+    if settings.metrics_token is not None and len(settings.metrics_token) < MIN_TOKEN_LENGTH:
+        findings.append(
+            warning(f"B24SCRIBE_METRICS_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: easy to guess")
+        )
     if settings.dry_run:
         findings.append(
             warning("B24SCRIBE_BITRIX24_WEBHOOK_URL is not set: dry-run, jobs are recorded and nothing is sent")

@@ -97,6 +97,8 @@ def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:
         event = session.get(InboundEvent, event_id)
         if event is None:
             return Replayed(event_id, "missing", "no such event")
+        if event.purged_at is not None:  # its body is gone: parsing the empty rest would only mislead
+            return Replayed(event_id, "skipped", "purged by retention: its body is no longer stored")
         raw, state, error = raw_event(event), event.state, dict(event.error or {})
     if state in REPLAYABLE_STATES:
         return _replay_rejected(db, settings, event_id, raw)
@@ -179,7 +181,11 @@ def _retranslate(db: Database, settings: Settings, event_id: int, raw: RawEvent)
 
 def rejected_event_ids(db: Database, source: str | None = None, provider: str | None = None) -> list[int]:
     """Every rejected (or half-replayed) event, oldest first."""
-    query = select(InboundEvent.id).where(InboundEvent.state.in_(REPLAYABLE_STATES)).order_by(InboundEvent.id)
+    query = (
+        select(InboundEvent.id)
+        .where(InboundEvent.state.in_(REPLAYABLE_STATES), InboundEvent.purged_at.is_(None))
+        .order_by(InboundEvent.id)
+    )
     if source:
         query = query.where(InboundEvent.source == source)
     if provider:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -38,13 +39,27 @@ class Settings:
     first_speaker: Role = Role.CALLEE
     crm_create: bool = False
     max_body_bytes: int = 20 * 1024 * 1024
+    # a hook body that has not arrived this long after its headers is dropped (SPEC 12)
+    body_timeout_seconds: float = 30.0
     rate_per_second: float = 2.0
     rate_burst: int = 45
+    # requests in flight at once per portal, across every worker (a slow answer holds one slot)
+    portal_concurrency: int = 4
+    # a worker whose heartbeat is older than this is dead: its jobs and slots are taken back
+    worker_dead_after_seconds: float = 10.0
+    # requests one worker process has in flight at most, over all portals (its sender threads)
+    worker_senders: int = 16
     lease_seconds: float = 60.0
     orphan_after_seconds: float = 24 * 3600.0
     worker_poll_seconds: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"
+    # the https base URL the service is reached at (behind a proxy too); https makes the status cookie Secure
+    public_url: str | None = None
+    # bearer token for /metrics and the details of /readyz (unset: both open, as a private network expects)
+    metrics_token: str | None = None
+    # raw bodies and transcripts older than this are purged once delivered or dead
+    retention_days: float = 30.0
     # per-vendor keys, API base URLs and other secrets: B24SCRIBE_<VENDOR>_<NAME>, read lazily
     vendor: Mapping[str, str] = field(default_factory=dict)
 
@@ -92,6 +107,8 @@ def _parse_number(name: str, raw: str, kind: type[int] | type[float], minimum: f
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{PREFIX}{name}: expected a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{PREFIX}{name}: expected a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {raw!r}")
     return value
@@ -123,6 +140,13 @@ def _parse_portals(raw: str) -> dict[str, str]:
             raise SettingsError(f"{PREFIX}BITRIX24_PORTALS: expected name=webhook-url pairs separated by spaces")
         portals[name] = _parse_webhook_url("BITRIX24_PORTALS", url)
     return portals
+
+
+def _parse_public_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query or parts.fragment:
+        raise SettingsError(f"{PREFIX}PUBLIC_URL: expected a base URL like https://b24scribe.example.com, got {raw!r}")
+    return raw.strip().rstrip("/")
 
 
 def _parse_schedule(raw: str) -> tuple[float, ...]:
@@ -157,7 +181,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         values["database_url"] = url
     if (url := text("BITRIX24_WEBHOOK_URL")) is not None:
         values["bitrix24_webhook_url"] = _parse_webhook_url("BITRIX24_WEBHOOK_URL", url)
-    for name in ("INBOUND_TOKEN", "WEBHOOK_SECRET", "ADMIN_TOKEN"):
+    for name in ("INBOUND_TOKEN", "WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"):
         if (secret := text(name)) is not None:
             values[name.lower()] = secret
     if (secret := values.get("webhook_secret")) and not secret.startswith("whsec_"):
@@ -166,11 +190,16 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         "BITRIX24_TIMEOUT": (float, 0.1),
         "DEFAULT_USER_ID": (int, 1),
         "MAX_BODY_BYTES": (int, 1024),
+        "BODY_TIMEOUT_SECONDS": (float, 0.1),
         "RATE_PER_SECOND": (float, 0.01),
         "RATE_BURST": (int, 1),
+        "PORTAL_CONCURRENCY": (int, 1),
+        "WORKER_DEAD_AFTER_SECONDS": (float, 1.0),
+        "WORKER_SENDERS": (int, 1),
         "LEASE_SECONDS": (float, 1.0),
         "ORPHAN_AFTER_SECONDS": (float, 1.0),
         "WORKER_POLL_SECONDS": (float, 0.01),
+        "RETENTION_DAYS": (float, 1.0),
     }
     for name, (kind, minimum) in numbers.items():
         if (value := text(name)) is not None:
@@ -178,6 +207,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
     for name in ("CHANNEL0", "FIRST_SPEAKER"):
         if (value := text(name)) is not None:
             values[name.lower()] = _parse_role(name, value)
+    if (value := text("PUBLIC_URL")) is not None:
+        values["public_url"] = _parse_public_url(value)
     if (value := text("BITRIX24_PORTALS")) is not None:
         values["bitrix24_portals"] = _parse_portals(value)
     if (value := text("RETRY_SCHEDULE")) is not None:

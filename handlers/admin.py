@@ -1,23 +1,30 @@
-"""The admin API under `/v1`: calls, the outbox, replay. Bearer B24SCRIBE_ADMIN_TOKEN."""
+"""The admin API under `/v1`: calls, stored events, the outbox, replay. Bearer B24SCRIBE_ADMIN_TOKEN.
+
+Everything stored is answered through `displayable`: a stored lone surrogate, NUL or control
+character comes out as U+FFFD, so any JSON parser reads every answer (SPEC 12).
+"""
 
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Response, current_app, jsonify, request
 from flask_smorest import Blueprint
 from marshmallow import Schema
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from b24scribe import outbox
-from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx
+from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
 from b24scribe.db import Database
-from b24scribe.models import Job
+from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
+from b24scribe.replay import field_summary
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
-from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, JobListSchema, JobSchema
+from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, EventSchema, JobListSchema, JobSchema
 
 bp = Blueprint(
     "admin",
@@ -26,6 +33,10 @@ bp = Blueprint(
     description="Calls, the outbox and replay, for integrators. Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>.",
 )
 JOB_STATES = ("waiting", "pending", "leased", "done", "dead")
+# The largest id a row can have (a signed 64-bit integer on SQLite and PostgreSQL): a path id above it
+# is a 404 like any other id no row has, not an overflow in the database driver.
+MAX_ROW_ID = 2**63 - 1
+_UNDISPLAYABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def _admin_errors(*extra: tuple[int, str]) -> list[tuple[int, str]]:
@@ -50,6 +61,20 @@ def documented(success: int, schema: type[Schema], *errors: tuple[int, str]) -> 
         return view
 
     return decorate
+
+
+def displayable(value: Any) -> Any:
+    """`value` with every string safe to encode and show: lone surrogates, NUL and control characters
+    (but tab and newlines) become U+FFFD, bytes are decoded leniently. Dicts and lists are walked."""
+    if isinstance(value, str):
+        return _UNDISPLAYABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {displayable(key): displayable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [displayable(item) for item in value]
+    if isinstance(value, bytes):
+        return displayable(value.decode("utf-8", "replace"))
+    return value
 
 
 def is_admin_token(given: str | None) -> bool:
@@ -84,7 +109,7 @@ def call_by_b24(b24_call_id: str) -> Response:
         call = find_by_b24(session, b24_call_id)
         if call is None:
             raise ApiError(404, "unknown_call", "no call with this Bitrix24 CALL_ID has reached the service")
-        return jsonify(describe_call(session, call))
+        return jsonify(displayable(describe_call(session, call)))
 
 
 @bp.get("/calls/<pbx>/<path:pbx_call_id>")
@@ -94,8 +119,10 @@ def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
     with _db().read() as session:
         call = find_by_pbx(session, pbx, pbx_call_id)
         if call is None:
-            raise ApiError(404, "unknown_call", f"no call {pbx_call_id!r} from PBX {pbx!r} has reached the service")
-        return jsonify(describe_call(session, call))
+            raise ApiError(
+                404, "unknown_call", displayable(f"no call {pbx_call_id!r} from PBX {pbx!r} has reached the service")
+            )
+        return jsonify(displayable(describe_call(session, call)))
 
 
 @bp.get("/jobs")
@@ -132,10 +159,10 @@ def list_jobs() -> Response:
         if state is not None:
             query = query.where(Job.state == state)
         jobs = [describe_job(job) for job in session.scalars(query)]
-        return jsonify({"counts": outbox.counts_by_state(session), "jobs": jobs})
+        return jsonify(displayable({"counts": outbox.counts_by_state(session), "jobs": jobs}))
 
 
-@bp.post("/jobs/<int:job_id>/retry")
+@bp.post(f"/jobs/<int(max={MAX_ROW_ID}):job_id>/retry")
 @documented(202, JobSchema, (404, "no such job"), (409, "the job is not dead"))
 def retry_job(job_id: int) -> tuple[Response, int]:
     """Replay a dead job now, with a fresh attempt count."""
@@ -146,4 +173,82 @@ def retry_job(job_id: int) -> tuple[Response, int]:
         if job.state != "dead":
             raise ApiError(409, "not_dead", f"job {job_id} is {job.state}; only dead jobs are retried")
         outbox.replay(session, job_id)
-        return jsonify(describe_job(job)), 202
+        return jsonify(displayable(describe_job(job))), 202
+
+
+def _event_outcome(state: str, error: dict[str, Any], apply_job: Job | None, folded: bool) -> tuple[str, str | None]:
+    """What happened to a stored event, in one word, and why when it did not go through."""
+    if state in ("rejected", "replaying"):
+        return "rejected", field_summary(error.get("fields") or {}) or str(error.get("message", "")) or None
+    if state == "replayed":
+        return "replayed", f"replayed as event {error.get('replayed_as')} after a fix"
+    if apply_job is not None and apply_job.state == "dead":
+        return "failed", apply_job.last_error
+    if (apply_job is None and folded) or (apply_job is not None and apply_job.state == "done"):
+        return "folded", None
+    return "accepted", None
+
+
+def describe_event(session: Session, event_id: int) -> dict[str, Any] | None:
+    """One stored inbound event and what it became (None: no such event). Never its body."""
+    row = session.execute(
+        select(
+            InboundEvent.id,
+            InboundEvent.source,
+            InboundEvent.provider,
+            InboundEvent.received_at,
+            InboundEvent.content_type,
+            InboundEvent.query,
+            InboundEvent.state,
+            InboundEvent.error,
+            InboundEvent.call_id,
+            InboundEvent.purged_at,
+            func.length(InboundEvent.body).label("body_bytes"),
+        ).where(InboundEvent.id == event_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    error = dict(row.error or {}) if isinstance(row.error, dict) else {}
+    parts = list(
+        session.scalars(select(TranscriptPart).where(TranscriptPart.event_id == event_id).order_by(TranscriptPart.id))
+    )
+    part_ids = [part.id for part in parts]
+    became = or_(Job.event_id == event_id, Job.transcript_id.in_(part_ids)) if part_ids else Job.event_id == event_id
+    jobs = list(session.scalars(select(Job).where(became).order_by(Job.id)))
+    apply_job = next((job for job in jobs if job.kind == "apply"), None)
+    call_id = row.call_id or next((part.call_id for part in parts if part.call_id is not None), None)
+    call = session.get(Call, call_id) if call_id is not None else None
+    described = describe_call(session, call) if call is not None else None
+    outcome, reason = _event_outcome(row.state, error, apply_job, call is not None or bool(parts))
+    transcripts = [t for t in (described or {}).get("transcripts", []) if t["id"] in part_ids]
+    return {
+        "id": row.id,
+        "source": row.source,
+        "provider": row.provider,
+        "received_at": iso(row.received_at),
+        "content_type": row.content_type,
+        "query": row.query or {},
+        "body_bytes": row.body_bytes or 0,
+        "state": row.state,
+        "outcome": outcome,
+        "reason": reason,
+        "fields": error.get("fields") if row.state in ("rejected", "replaying") else None,
+        "replayed_as": error.get("replayed_as"),
+        "purged_at": iso(row.purged_at),
+        "call": None
+        if described is None
+        else {key: described[key] for key in ("id", "pbx", "pbx_call_id", "b24_call_id", "portal", "stage")},
+        "transcripts": transcripts,
+        "jobs": [describe_job(job) for job in jobs],
+    }
+
+
+@bp.get(f"/events/<int(max={MAX_ROW_ID}):event_id>")
+@documented(200, EventSchema, (404, "no such event"))
+def event(event_id: int) -> Response:
+    """One stored inbound event: when, from whom, accepted, folded or rejected (and why), and what it became."""
+    with _db().read() as session:
+        shown = describe_event(session, event_id)
+    if shown is None:
+        raise ApiError(404, "unknown_event", f"no event {event_id}")
+    return jsonify(displayable(shown))

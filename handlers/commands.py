@@ -9,8 +9,9 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
+from sqlalchemy.orm import defer
 
-from b24scribe import metrics, migrate, outbox
+from b24scribe import metrics, migrate, outbox, retention
 from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
 from b24scribe.checks import has_problems, run_checks
 from b24scribe.db import Database
@@ -18,6 +19,7 @@ from b24scribe.models import InboundEvent, Job
 from b24scribe.replay import field_summary, rejected_event_ids, replay_event
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from handlers.admin import displayable
 
 
 def _settings() -> Settings:
@@ -69,8 +71,10 @@ def jobs_list(state: str | None, limit: int) -> None:
         for job in session.scalars(query):
             shown = describe_job(job)
             click.echo(
-                f"{shown['id']}\t{shown['kind']}\t{shown['state']}\tattempts={shown['attempts']}\t"
-                f"call={shown['call']}\t{shown['last_error'] or ''}"
+                displayable(
+                    f"{shown['id']}\t{shown['kind']}\t{shown['state']}\tattempts={shown['attempts']}\t"
+                    f"call={shown['call']}\t{shown['last_error'] or ''}"
+                )
             )
 
 
@@ -108,7 +112,7 @@ def calls_show(reference: str, pbx: str | None) -> None:
         call = find_by_pbx(session, pbx, reference) if pbx else find_by_b24(session, reference)
         if call is None:
             raise click.ClickException("no such call")
-        click.echo(json.dumps(describe_call(session, call), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(displayable(describe_call(session, call)), indent=2, ensure_ascii=False))
 
 
 @click.command("check")
@@ -131,7 +135,7 @@ events_group = AppGroup("events", help="Inbound events as received (raw bodies k
 @click.option("--limit", default=50, show_default=True)
 def events_list(rejected: bool, limit: int) -> None:
     """One line per event, newest first: id, source/provider, state, received, call, why rejected."""
-    query = select(InboundEvent).order_by(InboundEvent.id.desc()).limit(limit)
+    query = select(InboundEvent).options(defer(InboundEvent.body)).order_by(InboundEvent.id.desc()).limit(limit)
     if rejected:
         query = query.where(InboundEvent.state.in_(("rejected", "replaying")))
     with _db().read() as session:
@@ -141,8 +145,10 @@ def events_list(rejected: bool, limit: int) -> None:
             if event.state == "replayed":
                 why = f"replayed as event {error.get('replayed_as')}"
             click.echo(
-                f"{event.id}\t{event.source}/{event.provider}\t{event.state}\t{iso(event.received_at)}\t"
-                f"call={event.call_id or ''}\t{why}"
+                displayable(
+                    f"{event.id}\t{event.source}/{event.provider}\t{event.state}\t{iso(event.received_at)}\t"
+                    f"call={event.call_id or ''}\t{why}"
+                )
             )
 
 
@@ -168,6 +174,26 @@ def events_replay(event_ids: tuple[int, ...], all_rejected: bool, source: str | 
         raise SystemExit(1)
 
 
+@click.command("purge")
+@with_appcontext
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="DAYS",
+    help="purge what was received more than DAYS ago  [default: B24SCRIBE_RETENTION_DAYS, 30]",
+)
+def purge_command(older_than: float | None) -> None:
+    """Empty the raw bodies and transcript text of finished events received more than DAYS ago
+    (the rows stay: what happened is still told); events whose jobs are still open are kept."""
+    days = _settings().retention_days if older_than is None else older_than
+    click.echo(f"purging what was received before {iso(retention.cutoff(days))} ({days:g} days ago)")
+    report, _end = retention.purge(_db(), days)
+    for line in report.lines():
+        click.echo(line)
+
+
 def register(app: Flask) -> None:
     """Attach the commands to the app's CLI."""
     app.cli.add_command(worker_command)
@@ -176,3 +202,4 @@ def register(app: Flask) -> None:
     app.cli.add_command(db_group)
     app.cli.add_command(jobs_group)
     app.cli.add_command(calls_group)
+    app.cli.add_command(purge_command)

@@ -114,6 +114,49 @@ class CallSchema(Schema):
     jobs = fields.List(fields.Nested(CallJobSchema), required=True)
 
 
+class EventCallSchema(Schema):
+    """The call an event became."""
+
+    id = fields.Integer(required=True)
+    pbx = fields.String(allow_none=True)
+    pbx_call_id = fields.String(allow_none=True)
+    b24_call_id = fields.String(allow_none=True, metadata={"description": "Bitrix24 CALL_ID once registered"})
+    portal = fields.String(required=True)
+    stage = fields.String(required=True, metadata={"description": "new | registered | finished"})
+
+
+class EventSchema(Schema):
+    """`GET /v1/events/{event_id}`: one stored inbound event and what became of it (never its body)."""
+
+    id = fields.Integer(required=True)
+    source = fields.String(required=True, metadata={"description": "pbx | stt"})
+    provider = fields.String(required=True, metadata={"description": "the PBX or vendor route, e.g. generic"})
+    received_at = fields.DateTime(required=True)
+    content_type = fields.String(allow_none=True)
+    query = fields.Dict(required=True, metadata={"description": "the hook URL's query, without the token"})
+    body_bytes = fields.Integer(required=True, metadata={"description": "size of the stored body (0 once purged)"})
+    state = fields.String(required=True, metadata={"description": "accepted | rejected | replaying | replayed"})
+    outcome = fields.String(
+        required=True,
+        metadata={
+            "description": "accepted (stored, not yet folded into its call) | folded (its call, transcript and "
+            "jobs exist) | rejected (can never be processed as it is: see reason and fields) | failed (stored, "
+            "but folding it gave up: see reason) | replayed (rejected, then stored again as replayed_as)"
+        },
+    )
+    reason = fields.String(allow_none=True, metadata={"description": "why it was rejected, failed or replayed"})
+    fields_ = fields.Dict(
+        data_key="fields", allow_none=True, metadata={"description": "rejected: each bad field with its messages"}
+    )
+    replayed_as = fields.Integer(allow_none=True, metadata={"description": "the event a replay stored"})
+    purged_at = fields.DateTime(
+        allow_none=True, metadata={"description": "when retention emptied its body and its transcript's text"}
+    )
+    call = fields.Nested(EventCallSchema, allow_none=True)
+    transcripts = fields.List(fields.Nested(TranscriptStateSchema), required=True)
+    jobs = fields.List(fields.Nested(JobSchema), required=True)
+
+
 class CheckSchema(Schema):
     """One readiness check."""
 
@@ -160,6 +203,11 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
         "scheme": "bearer",
         "description": "Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>",
     },
+    "metricsBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <B24SCRIBE_METRICS_TOKEN>, needed only when that token is set",
+    },
 }
 INBOUND_SECURITY: list[dict[str, list[str]]] = [
     {"inboundBearer": []},
@@ -168,6 +216,7 @@ INBOUND_SECURITY: list[dict[str, list[str]]] = [
 ]
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminBearer": []}]
 NO_SECURITY: list[dict[str, list[str]]] = []
+METRICS_SECURITY: list[dict[str, list[str]]] = [{"metricsBearer": []}]
 
 
 class ScribeApi(Api):
@@ -239,10 +288,16 @@ STT_PARAMETERS = [
     PORTAL_PARAMETER,
 ]
 HOOK_ERRORS = [
+    (
+        400,
+        "the request cannot be read: a broken chunked body, a body shorter than its Content-Length, or more than "
+        "200 query fields; nothing is stored",
+    ),
     (401, "authentication failed (missing or wrong token or signature); nothing is stored"),
     (403, "authentication failed (a vendor's own scheme refused the request); nothing is stored"),
     (404, "no such vendor or PBX"),
-    (413, "the body is over the size limit (B24SCRIBE_MAX_BODY_BYTES, default 20 MiB)"),
+    (408, "the body did not arrive within B24SCRIBE_BODY_TIMEOUT_SECONDS (30 s); nothing is stored"),
+    (413, "the body is over the route's limit: PBX events 64 KiB, transcripts B24SCRIBE_MAX_BODY_BYTES (default 20 MiB); nothing is stored"),
     (
         422,
         "the payload can never be processed: `fields` names each bad field; it is kept as a rejected event "

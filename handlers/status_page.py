@@ -1,9 +1,13 @@
 """The status page under `/status/`: what failed and why, for the integrator and the admin, in a browser.
 
 Server-rendered (Jinja, inline CSS, no script, no CDN). Authenticated with B24SCRIBE_ADMIN_TOKEN:
-a login form sets it in an HttpOnly, SameSite=Strict cookie scoped to /status, or a client sends
-`Authorization: Bearer`. Every POST carries a CSRF token derived from the admin token. Fails
-closed: no admin token configured, no page.
+the sign-in form checks it and sets a signed, expiring session cookie (never the token itself;
+HttpOnly, SameSite=Lax, scoped to /status, `Secure` when the request came over https or
+B24SCRIBE_PUBLIC_URL is https, which is how a service behind a TLS-terminating proxy knows), or a
+client sends `Authorization: Bearer`. The session is signed with a key derived from the admin token,
+so rotating the token ends every session. Failed sign-ins are slowed down per client address. Every
+POST carries a CSRF token derived from the admin token. Fails closed: no admin token configured, no
+page. Everything stored is shown through `displayable`, so no stored byte can break a page.
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
-from sqlalchemy import select
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import func, select
+from sqlalchemy.orm import defer
 from werkzeug.wrappers import Response as BaseResponse
 
 from b24scribe import outbox
@@ -24,12 +34,14 @@ from b24scribe.db import Database
 from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
 from b24scribe.replay import field_summary, replay_event
 from b24scribe.settings import Settings
-from handlers.admin import is_admin_token
+from handlers.admin import MAX_ROW_ID, displayable, is_admin_token
 
 bp = Blueprint("status", __name__, url_prefix="/status", template_folder="templates")
 COOKIE = "b24scribe_admin"
+SESSION_SECONDS = 12 * 3600
 OPEN_ENDPOINTS = {"status.login"}
 RECENT_CALLS = 50
+SHOWN_JOB_STATES = ("pending", "waiting", "leased", "dead")
 LISTED = 100
 # What a redirect after a button may tell the page: fixed texts, so no text from a URL is ever shown.
 NOTICES = {
@@ -60,11 +72,97 @@ def csrf_token() -> str:
     return hmac.new(secret, b"b24scribe status page csrf", hashlib.sha256).hexdigest()
 
 
+def _sessions() -> URLSafeTimedSerializer:
+    """Signs session cookies with a key derived from the admin token: a new token ends every session."""
+    secret = hmac.new((_settings().admin_token or "").encode(), b"b24scribe status page session", hashlib.sha256)
+    return URLSafeTimedSerializer(secret.hexdigest(), salt="b24scribe.status.session")
+
+
+def new_session() -> str:
+    """A session cookie's value: signed and timestamped, holding nothing secret."""
+    return _sessions().dumps({"admin": True, "nonce": secrets.token_urlsafe(8)})
+
+
+def valid_session(value: str | None) -> bool:
+    """Whether a cookie holds a session signed with the current admin token and under SESSION_SECONDS old."""
+    if not value:
+        return False
+    try:
+        content = _sessions().loads(value, max_age=SESSION_SECONDS)
+    except BadSignature:  # SignatureExpired is one too
+        return False
+    return isinstance(content, dict) and content.get("admin") is True
+
+
 def _authenticated() -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and is_admin_token(given.strip()):
         return True
-    return is_admin_token(request.cookies.get(COOKIE))
+    return valid_session(request.cookies.get(COOKIE))
+
+
+def _cookie_secure() -> bool:
+    # X-Forwarded-Proto is not trusted (anyone can send it); B24SCRIBE_PUBLIC_URL is the operator's word.
+    return request.is_secure or (_settings().public_url or "").startswith("https://")
+
+
+class SignInThrottle:
+    """Slows down failed sign-ins per client address: after n failures in a row, the next attempt is
+    refused (429, without looking at the token) until a delay doubling from 1 s up to 60 s has passed,
+    and each failed answer itself waits up to 2 s. Memory is bounded (the least recently failing
+    addresses are forgotten first); a success or 15 quiet minutes forget an address. Per process.
+
+    `sleep` is time.sleep: gevent patches it, so a waiting sign-in never blocks other requests.
+    """
+
+    MAX_ADDRESSES = 10_000
+    FORGET_AFTER = 15 * 60.0
+    MAX_DELAY = 60.0
+    MAX_ANSWER_WAIT = 2.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.clock = clock
+        self.sleep = sleep
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # address: (failures, last failure)
+        self._lock = threading.Lock()
+
+    def delay(self, failures: int) -> float:
+        """Seconds an address must wait after this many failures in a row."""
+        return 0.0 if failures <= 0 else min(self.MAX_DELAY, 2.0 ** (failures - 1))
+
+    def wait_left(self, address: str) -> float:
+        """Seconds before this address may try again (0: now)."""
+        with self._lock:
+            failures, last = self._failures.get(address, (0, 0.0))
+        if failures and self.clock() - last > self.FORGET_AFTER:
+            return 0.0
+        return max(0.0, last + self.delay(failures) - self.clock())
+
+    def failed(self, address: str) -> None:
+        """Count a failure and make the answer wait (without holding the lock)."""
+        now = self.clock()
+        with self._lock:
+            failures, last = self._failures.pop(address, (0, 0.0))
+            if now - last > self.FORGET_AFTER:
+                failures = 0
+            failures += 1
+            self._failures[address] = (failures, now)
+            while len(self._failures) > self.MAX_ADDRESSES:
+                self._failures.popitem(last=False)
+        self.sleep(min(self.MAX_ANSWER_WAIT, self.delay(failures)))
+
+    def succeeded(self, address: str) -> None:
+        """Forget the address's failures."""
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+def throttle() -> SignInThrottle:
+    """The app's sign-in throttle (one per process)."""
+    found: SignInThrottle | None = current_app.extensions.get("b24scribe.sign_in_throttle")
+    if found is None:
+        found = current_app.extensions.setdefault("b24scribe.sign_in_throttle", SignInThrottle())
+    return found
 
 
 def _notice() -> str | None:
@@ -74,6 +172,7 @@ def _notice() -> str | None:
 
 
 def _page(template: str, status: int = 200, **context: Any) -> Response:
+    context = displayable(context)  # lone surrogates, NUL, control characters: shown as U+FFFD, never a 500
     html = render_template(template, csrf_token=csrf_token(), nonce=g.csp_nonce, notice=_notice(), **context)
     return Response(html, status=status, mimetype="text/html")
 
@@ -111,15 +210,29 @@ def secure_headers(response: Response) -> Response:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> BaseResponse:
-    """The admin token form; a right token is kept in an HttpOnly cookie for /status only."""
+    """The admin token form; a right token starts a signed session, kept in an HttpOnly cookie for /status only."""
     if request.method == "GET":
         return _page("status_login.html")
+    address = request.remote_addr or "unknown"
+    wait = throttle().wait_left(address)
+    if wait > 0:
+        page = _page("status_login.html", 429, error=f"Too many failed sign-ins: try again in {wait:.0f} s.")
+        page.headers["Retry-After"] = str(max(1, round(wait)))
+        return page
     given = request.form.get("token", "").strip()
     if not is_admin_token(given):
+        throttle().failed(address)
         return _page("status_login.html", 401, error="That is not the admin token (B24SCRIBE_ADMIN_TOKEN).")
+    throttle().succeeded(address)
     response = redirect(url_for("status.overview"))
     response.set_cookie(
-        COOKIE, given, httponly=True, samesite="Strict", secure=request.is_secure, path=bp.url_prefix or "/"
+        COOKIE,
+        new_session(),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="Lax",
+        secure=_cookie_secure(),
+        path=bp.url_prefix or "/",
     )
     return response
 
@@ -128,7 +241,7 @@ def login() -> BaseResponse:
 def logout() -> BaseResponse:
     """Forget the cookie."""
     response = redirect(url_for("status.login"))
-    response.delete_cookie(COOKIE, path=bp.url_prefix or "/", httponly=True, samesite="Strict")
+    response.delete_cookie(COOKIE, path=bp.url_prefix or "/", httponly=True, samesite="Lax", secure=_cookie_secure())
     return response
 
 
@@ -153,7 +266,11 @@ def _call_row(call: Call) -> dict[str, Any]:
 def overview() -> Response:
     """Recent calls, transcripts waiting or failed, dead jobs and rejected events."""
     with _db().read() as session:
-        counts = outbox.counts_by_state(session)
+        # one index range per state (the done history is not counted: it only grows)
+        counts = {
+            state: session.scalar(select(func.count()).select_from(Job).where(Job.state == state)) or 0
+            for state in SHOWN_JOB_STATES
+        }
         calls = [
             _call_row(call)
             for call in session.scalars(
@@ -198,9 +315,11 @@ def overview() -> Response:
                 "received_at": iso(event.received_at),
                 "reason": field_summary((event.error or {}).get("fields") or {})
                 or (event.error or {}).get("message", ""),
+                "purged_at": iso(event.purged_at),
             }
             for event in session.scalars(
                 select(InboundEvent)
+                .options(defer(InboundEvent.body))  # up to 20 MiB each, and never shown
                 .where(InboundEvent.state.in_(("rejected", "replaying")))
                 .order_by(InboundEvent.id.desc())
                 .limit(LISTED)
@@ -216,7 +335,7 @@ def overview() -> Response:
     )
 
 
-@bp.get("/calls/<int:call_id>")
+@bp.get(f"/calls/<int(max={MAX_ROW_ID}):call_id>")
 def call_page(call_id: int) -> Response:
     """One call: Bitrix24 CALL_ID and stage, each transcript's state and reason, each job."""
     with _db().read() as session:
@@ -237,7 +356,7 @@ def _back(notice: str, ident: int) -> BaseResponse:
     return redirect(f"{target}?{urlencode({'notice': notice, 'id': ident})}", code=303)
 
 
-@bp.post("/jobs/<int:job_id>/retry")
+@bp.post(f"/jobs/<int(max={MAX_ROW_ID}):job_id>/retry")
 def retry_job(job_id: int) -> BaseResponse:
     """Replay a dead job now, with a fresh attempt count."""
     with _db().write() as session:
@@ -250,7 +369,7 @@ def retry_job(job_id: int) -> BaseResponse:
     return _back("retried", job_id)
 
 
-@bp.post("/events/<int:event_id>/replay")
+@bp.post(f"/events/<int(max={MAX_ROW_ID}):event_id>/replay")
 def replay(event_id: int) -> BaseResponse:
     """Parse a rejected event again (after a fix) and store it if it now passes."""
     outcome = replay_event(_db(), _settings(), event_id)

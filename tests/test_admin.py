@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from urllib.parse import quote
 
 import pytest
@@ -9,12 +11,12 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from b24scribe.db import Database
-from b24scribe.models import Job
+from b24scribe.models import InboundEvent, Job
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
-from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin
+from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
-from tests.operations import CALL_ID, SENTENCE, make_dead_attach, post_call, post_transcript
+from tests.operations import CALL_ID, FINISHED, SENTENCE, make_dead_attach, post_call, post_transcript
 
 
 def test_the_admin_api_is_disabled_without_an_admin_token(settings: Settings, db: Database) -> None:
@@ -129,3 +131,83 @@ def test_only_dead_jobs_are_replayed(client: FlaskClient, worker: Worker) -> Non
     assert conflict.status_code == 409
     assert conflict.get_json()["error"]["code"] == "not_dead"
     assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("bad_id", [str(2**63), str(2**64), "9" * 40, "-1", "abc", "1e3", "%00"])
+def test_an_id_no_row_can_have_is_a_404_in_the_error_shape(client: FlaskClient, bad_id: str) -> None:
+    for response in (
+        client.post(f"/v1/jobs/{bad_id}/retry", headers=admin()),
+        client.get(f"/v1/events/{bad_id}", headers=admin()),
+    ):
+        assert response.status_code == 404, bad_id
+        assert "error" in response.get_json()
+    largest = client.post(f"/v1/jobs/{2**63 - 1}/retry", headers=admin())
+    assert (largest.status_code, largest.get_json()["error"]["code"]) == (404, "unknown_job")
+
+
+def test_an_event_tells_what_it_became(client: FlaskClient, worker: Worker) -> None:
+    call_event = post_call(client)["event_id"]
+    transcript_event = post_transcript(client)["event_id"]
+
+    waiting = client.get(f"/v1/events/{transcript_event}", headers=admin())
+    worker.drain()
+    call_shown = client.get(f"/v1/events/{call_event}", headers=admin()).get_json()
+    shown = client.get(f"/v1/events/{transcript_event}", headers=admin()).get_json()
+
+    assert waiting.status_code == 200 and waiting.get_json()["outcome"] == "accepted"  # stored, not folded yet
+    assert call_shown["source"] == "pbx" and call_shown["provider"] == "generic"
+    assert call_shown["outcome"] == "folded" and call_shown["reason"] is None
+    assert call_shown["call"]["pbx_call_id"] == CALL_ID and call_shown["call"]["b24_call_id"]
+    assert [job["kind"] for job in call_shown["jobs"]] == ["apply", "register", "finish"]
+    assert shown["source"] == "stt" and shown["outcome"] == "folded" and shown["received_at"]
+    assert [t["state"] for t in shown["transcripts"]] == ["delivered"]
+    assert {job["kind"] for job in shown["jobs"]} == {"apply", "attach"}
+    assert shown["body_bytes"] > 0 and shown["purged_at"] is None
+    assert SENTENCE not in str(shown)  # the transcript's text is not part of the answer
+
+
+def test_a_rejected_event_tells_why(client: FlaskClient) -> None:
+    rejected = client.post("/hooks/pbx/generic", json={**FINISHED, "status": "voicemail"}, headers=auth())
+    event_id = rejected.get_json()["error"]["fields"]["event_id"]
+
+    shown = client.get(f"/v1/events/{event_id}", headers=admin()).get_json()
+
+    assert shown["state"] == "rejected" and shown["outcome"] == "rejected"
+    assert shown["reason"].startswith("status: Must be one of")
+    assert "status" in shown["fields"]
+    assert shown["call"] is None and shown["jobs"] == [] and shown["transcripts"] == []
+
+
+def test_an_unknown_event_is_a_404_and_the_api_wants_the_admin_token(client: FlaskClient) -> None:
+    missing = client.get("/v1/events/424242", headers=admin())
+
+    assert (missing.status_code, missing.get_json()["error"]["code"]) == (404, "unknown_event")
+    assert client.get("/v1/events/1").status_code == 401
+
+
+def test_any_stored_content_is_answered_as_json_every_parser_reads(client: FlaskClient, db: Database) -> None:
+    hostile = "lone \ud800 surrogate \x00 and \x1b[31m" if db.is_sqlite else "escape \x1b[31m"
+    with db.write() as session:
+        event = InboundEvent(
+            source="stt",
+            provider="generic",
+            dedupe_key="hostile",
+            received_at=time.time(),
+            content_type="application/json",
+            query={"call": hostile},
+            body=b"\xff\xfe\xed\xa0\x80",
+            state="rejected",
+            error={"message": hostile, "fields": {hostile: [hostile]}},
+        )
+        session.add(event)
+        session.flush()
+        event_id = event.id
+
+    response = client.get(f"/v1/events/{event_id}", headers=admin())
+
+    assert response.status_code == 200
+    text = response.get_data().decode("utf-8")  # strict: valid UTF-8
+    assert "\\ud800" not in text and "\\u0000" not in text and "\\u001b" not in text
+    shown = json.loads(text)
+    assert shown["query"]["call"].startswith(("lone \ufffd surrogate \ufffd", "escape \ufffd"))
+    assert shown["body_bytes"] == 5

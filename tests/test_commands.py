@@ -10,6 +10,7 @@ import pytest
 from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from app import create_app
 from b24scribe import migrate
@@ -143,6 +144,15 @@ def test_check_says_what_missing_secrets_mean(migrated: Flask, settings: Setting
     assert "problem: B24SCRIBE_INBOUND_TOKEN is not set: every hook answers 503" in result.output
     assert "warning: B24SCRIBE_ADMIN_TOKEN is not set" in result.output
     assert "warning: B24SCRIBE_BITRIX24_WEBHOOK_URL is not set: dry-run" in result.output
+
+
+def test_check_warns_of_a_short_metrics_token(migrated: Flask, settings: Settings) -> None:
+    short = invoker(create_app(settings.with_overrides(metrics_token="short")))("check")
+    long_enough = invoker(create_app(settings.with_overrides(metrics_token="m" * 24)))("check")
+
+    assert "warning: B24SCRIBE_METRICS_TOKEN is shorter than 16 characters" in short.output
+    assert "METRICS_TOKEN" not in long_enough.output
+    assert "short" not in short.output.replace("shorter", "")  # the token itself is never printed
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -332,3 +342,57 @@ def test_the_raw_event_keeps_no_token(client: FlaskClient, db: Database) -> None
         stored = session.query(InboundEvent).one()
         raw: RawEvent = RawEvent(stored.source, stored.provider, stored.body, stored.query, stored.content_type)
     assert raw.query == {"portal": "acme"}
+
+
+def test_purge_empties_old_finished_events_and_says_what_it_did(
+    cli: Invoke, client: FlaskClient, worker: Worker, db: Database
+) -> None:
+    post_call(client)
+    post_transcript(client)
+    worker.drain()
+    post_call(client, "still-open", event="call.started")  # not folded yet: kept
+
+    kept_recent = cli("purge")
+    purged = cli("purge", "--older-than", "0")
+
+    assert kept_recent.exit_code == 0, kept_recent.output
+    assert "(30 days ago)" in kept_recent.output and "purged 0 event body(ies)" in kept_recent.output
+    assert purged.exit_code == 0, purged.output
+    assert "purged 2 event body(ies) (pbx 1, stt 1), 0 of them rejected" in purged.output
+    assert "purged the text of 1 transcript(s) and 1 attach request(s)" in purged.output
+    assert "kept 1 old event(s) whose call or jobs are still open" in purged.output
+    with db.read() as session:
+        assert [bool(event.body) for event in session.scalars(select(InboundEvent).order_by(InboundEvent.id))] == [
+            False,
+            False,
+            True,
+        ]
+
+
+def test_purge_refuses_a_negative_age(cli: Invoke) -> None:
+    result = cli("purge", "--older-than", "-3")
+
+    assert result.exit_code == 2
+    assert "--older-than" in result.output
+
+
+def test_events_list_prints_any_stored_content_safely(cli: Invoke, db: Database) -> None:
+    hostile = "lone \ud800 and NUL \x00" if db.is_sqlite else "escape \x1b[31m"
+    with db.write() as session:
+        session.add(
+            InboundEvent(
+                source="pbx",
+                provider="generic",
+                dedupe_key="hostile",
+                received_at=1.0,
+                query={},
+                body=b"\xed\xa0\x80",
+                state="rejected",
+                error={"message": hostile, "fields": {hostile: [hostile]}},
+            )
+        )
+
+    result = cli("events", "list", "--rejected")
+
+    assert result.exit_code == 0, result.output
+    assert "\ufffd" in result.output and "\x00" not in result.output and "\x1b" not in result.output

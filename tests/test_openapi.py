@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,8 @@ def test_every_api_endpoint_is_documented(app: Flask, document: dict[str, Any]) 
     for rule in app.url_map.iter_rules():
         if rule.endpoint in NOT_IN_THE_API or rule.endpoint.startswith("status."):
             continue  # the status page is HTML for people, not part of the API
-        path = rule.rule
-        for argument in rule.arguments:
-            path = path.replace(f"<{argument}>", f"{{{argument}}}")
-            for converter in ("path", "int"):
-                path = path.replace(f"<{converter}:{argument}>", f"{{{argument}}}")
-        for method in rule.methods - {"HEAD", "OPTIONS"}:
+        path = re.sub(r"<(?:[a-z]+(?:\([^)]*\))?:)?(\w+)>", r"{\1}", rule.rule)  # <int(max=…):id> → {id}
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             assert (method, path) in documented, f"{method} {path} is not in the OpenAPI document"
 
 
@@ -137,3 +134,27 @@ def test_a_documented_answer_matches_what_the_hook_answers(client: FlaskClient, 
     body = client.post("/hooks/pbx/generic", json=FINISHED, headers=auth()).get_json()
 
     assert set(body) == set(document["components"]["schemas"]["EventStored"]["required"])
+
+
+def test_the_events_api_is_documented_with_its_outcomes(document: dict[str, Any]) -> None:
+    event = document["paths"]["/v1/events/{event_id}"]["get"]
+    parameter = document["paths"]["/v1/events/{event_id}"]["parameters"][0]
+    schema = document["components"]["schemas"]["Event"]
+
+    assert event["security"] == [{"adminBearer": []}]
+    assert _content_schema(event["responses"]["200"]) == {"$ref": "#/components/schemas/Event"}
+    assert {"200", "401", "403", "404"} <= set(event["responses"])
+    assert parameter["schema"]["maximum"] == 2**63 - 1  # a larger id is a 404, as documented
+    assert {"received_at", "source", "provider", "outcome", "reason", "call", "transcripts", "jobs"} <= set(
+        schema["properties"]
+    )
+    for outcome in ("accepted", "folded", "rejected"):
+        assert outcome in schema["properties"]["outcome"]["description"]
+
+
+def test_metrics_and_readiness_document_the_optional_metrics_token(document: dict[str, Any]) -> None:
+    assert document["components"]["securitySchemes"]["metricsBearer"]["scheme"] == "bearer"
+    for path in ("/metrics", "/readyz"):
+        operation = document["paths"][path]["get"]
+        assert operation["security"] == [{"metricsBearer": []}, {}], path  # the token, or none when it is unset
+        assert "401" in operation["responses"]

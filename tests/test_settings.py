@@ -62,6 +62,13 @@ def test_values_are_read_and_typed() -> None:
         ("B24SCRIBE_BITRIX24_WEBHOOK_URL", "acme.bitrix24.com", "incoming-webhook URL"),
         ("B24SCRIBE_RETRY_SCHEDULE", "1,soon", "seconds separated by commas"),
         ("B24SCRIBE_CRM_CREATE", "maybe", "true or false"),
+        ("B24SCRIBE_RETENTION_DAYS", "0.5", "at least 1"),
+        ("B24SCRIBE_RETENTION_DAYS", "forever", "expected a number"),
+        ("B24SCRIBE_RETENTION_DAYS", "nan", "finite"),
+        ("B24SCRIBE_LEASE_SECONDS", "inf", "finite"),
+        ("B24SCRIBE_BODY_TIMEOUT_SECONDS", "0.01", "at least 0.1"),
+        ("B24SCRIBE_BODY_TIMEOUT_SECONDS", "inf", "finite"),
+        ("B24SCRIBE_PUBLIC_URL", "b24scribe.example.com", "base URL"),
     ],
 )
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
@@ -96,3 +103,20 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.rate_burst = 3  # type: ignore[misc]
+
+
+def test_retention_metrics_token_and_public_url_are_read() -> None:
+    assert load_settings({}, dotenv=False).retention_days == 30.0
+    assert load_settings({}, dotenv=False).metrics_token is None
+    assert load_settings({}, dotenv=False).body_timeout_seconds == 30.0
+    assert load_settings({"B24SCRIBE_BODY_TIMEOUT_SECONDS": "2.5"}, dotenv=False).body_timeout_seconds == 2.5
+    settings = load_settings(
+        {
+            "B24SCRIBE_RETENTION_DAYS": "7",
+            "B24SCRIBE_METRICS_TOKEN": "scrape-me",
+            "B24SCRIBE_PUBLIC_URL": "https://b24scribe.example.com/",
+        },
+        dotenv=False,
+    )
+    assert (settings.retention_days, settings.metrics_token) == (7.0, "scrape-me")
+    assert settings.public_url == "https://b24scribe.example.com"

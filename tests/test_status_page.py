@@ -6,22 +6,36 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import requests
+from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 from app import create_app
 from b24scribe import inbox
 from b24scribe.db import Database
-from b24scribe.models import Job
+from b24scribe.models import Call, InboundEvent, Job
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from handlers.status_page import SignInThrottle
 from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
-from tests.operations import CALL_ID, FINISHED, SENTENCE, make_dead_attach, post_call, post_transcript
+from tests.operations import (
+    CALL_ID,
+    FINISHED,
+    SENTENCE,
+    make_dead_attach,
+    post_call,
+    post_transcript,
+    running_stack,
+)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -69,14 +83,194 @@ def test_a_wrong_token_is_refused(client: FlaskClient) -> None:
     assert INBOUND_TOKEN not in response.get_data(as_text=True)
 
 
-def test_signing_in_sets_a_strict_httponly_cookie_for_the_status_pages_only(client: FlaskClient) -> None:
+def test_signing_in_sets_a_signed_expiring_httponly_session_for_the_status_pages_only(client: FlaskClient) -> None:
     response = client.post("/status/login", data={"token": ADMIN_TOKEN})
 
     cookie = response.headers["Set-Cookie"]
     assert cookie.startswith("b24scribe_admin=")
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/status" in cookie
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/status" in cookie
+    assert f"Max-Age={12 * 3600}" in cookie and "Expires=" in cookie
+    assert ADMIN_TOKEN not in cookie  # a signed session, never the admin token itself
+    assert "Secure" not in cookie  # plain http and no https B24SCRIBE_PUBLIC_URL: a browser would drop it
     assert client.get("/status/").status_code == 200
     assert client.get("/v1/jobs").status_code == 401  # the cookie is no key to the JSON API
+
+
+def _session_cookie(response: TestResponse) -> str:
+    return response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+
+
+def test_the_session_cookie_is_secure_behind_a_tls_proxy(settings: Settings, db: Database) -> None:
+    behind_proxy = create_app(settings.with_overrides(public_url="https://b24scribe.example.com")).test_client()
+    direct_tls = create_app(settings).test_client()
+
+    proxied = behind_proxy.post("/status/login", data={"token": ADMIN_TOKEN})
+    over_https = direct_tls.post("/status/login", data={"token": ADMIN_TOKEN}, base_url="https://localhost")
+    spoofed = direct_tls.post("/status/login", data={"token": ADMIN_TOKEN}, headers={"X-Forwarded-Proto": "https"})
+
+    assert "; Secure" in proxied.headers["Set-Cookie"]
+    assert "; Secure" in over_https.headers["Set-Cookie"]
+    assert "Secure" not in spoofed.headers["Set-Cookie"]  # X-Forwarded-Proto is not trusted
+
+
+def test_a_forged_expired_or_old_token_session_is_refused(
+    client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    value = _session_cookie(client.post("/status/login", data={"token": ADMIN_TOKEN}))
+    assert client.get("/status/").status_code == 200
+
+    for forged in (ADMIN_TOKEN, value[:-2] + ("AA" if not value.endswith("AA") else "BB"), "", "x" * 3000):
+        client.set_cookie("b24scribe_admin", forged, path="/status")
+        assert client.get("/status/").status_code == 302, forged
+
+    client.set_cookie("b24scribe_admin", value, path="/status")
+    later = time.time() + 12 * 3600 + 5
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: later)
+    assert client.get("/status/").status_code == 302  # expired after 12 h
+    monkeypatch.undo()
+    assert client.get("/status/").status_code == 200
+
+    rotated = create_app(settings.with_overrides(admin_token="a-new-admin-token-5d1e")).test_client()
+    rotated.set_cookie("b24scribe_admin", value, path="/status")
+    assert rotated.get("/status/").status_code == 302  # a new admin token ends every session
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_failed_sign_ins_are_slowed_down_per_address(app: Flask) -> None:
+    fake = FakeTime()
+    app.extensions["b24scribe.sign_in_throttle"] = SignInThrottle(clock=fake.clock, sleep=fake.sleep)
+    client = app.test_client()
+    other = app.test_client()
+
+    answers = [client.post("/status/login", data={"token": f"guess-{n}"}).status_code for n in range(3)]
+    assert answers == [401, 401, 401]
+    assert fake.slept == [1.0, 2.0, 2.0]  # each failed answer waits longer (capped at 2 s)
+
+    # 4 s must pass after the third failure: until then even the right token is not looked at
+    refused = client.post("/status/login", data={"token": ADMIN_TOKEN})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "Too many failed sign-ins" in refused.get_data(as_text=True)
+    other_address = other.post("/status/login", data={"token": ADMIN_TOKEN}, environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other_address.status_code == 302  # another address is not slowed
+
+    fake.now += 4.0
+    assert client.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 302
+    assert client.post("/status/login", data={"token": "guess-again"}).status_code == 401
+    assert fake.slept[-1] == 1.0  # a success forgot the failures
+
+
+def test_the_throttle_forgets_old_addresses_first_and_stays_bounded() -> None:
+    fake = FakeTime()
+    throttle = SignInThrottle(clock=fake.clock, sleep=lambda _seconds: None)
+    throttle.MAX_ADDRESSES = 3
+    for address in ("a", "b", "c", "d"):
+        throttle.failed(address)
+        throttle.failed(address)
+
+    assert throttle.wait_left("a") == 0.0  # forgotten: the least recently failing
+    assert throttle.wait_left("d") > 0.0
+    fake.now += SignInThrottle.FORGET_AFTER + 1
+    assert throttle.wait_left("d") == 0.0
+
+
+def test_a_slowed_sign_in_does_not_hold_up_other_requests(live_url: str) -> None:
+    def failing_sign_in() -> None:
+        requests.post(f"{live_url}/status/login", data={"token": "wrong"}, timeout=10)
+
+    first = threading.Thread(target=failing_sign_in)
+    first.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    answer = requests.get(f"{live_url}/livez", timeout=10)
+    took = time.monotonic() - started
+    first.join()
+
+    assert answer.status_code == 200
+    assert took < 0.5  # the failed sign-in waits 1 s; nothing else does
+
+
+def test_under_gevent_a_slowed_sign_in_holds_up_no_other_request(tmp_path: Path, database_url: str) -> None:
+    environ = {"B24SCRIBE_DATABASE_URL": database_url, "B24SCRIBE_ADMIN_TOKEN": ADMIN_TOKEN}
+    with running_stack(tmp_path, environ, web_workers=1) as stack:  # one gevent process serves everything
+        failing = threading.Thread(
+            target=lambda: requests.post(f"{stack.url}/status/login", data={"token": "wrong"}, timeout=10)
+        )
+        failing.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        answer = requests.get(f"{stack.url}/livez", timeout=10)
+        took = time.monotonic() - started
+        failing.join()
+
+    assert answer.status_code == 200
+    assert took < 0.5  # the failed sign-in sleeps 1 s in the same process: gevent's sleep yields
+
+
+HOSTILE = "lone \ud800 surrogate, NUL \x00, bell \x07 and \u202e"
+
+
+def _store_hostile_content(db: Database) -> tuple[int, int]:
+    """A rejected event and a call holding what a hostile sender can get stored (as far as the database lets)."""
+    # JSON columns can hold a lone surrogate (escaped); text columns a NUL on SQLite, neither on PostgreSQL
+    text = HOSTILE if db.is_sqlite else "bell \x07 and \u202e"
+    column_text = "NUL \x00, bell \x07" if db.is_sqlite else "bell \x07 and \u202e"
+    now = time.time()
+    with db.write() as session:
+        call = Call(portal="acme", pbx="generic", pbx_call_id=column_text, created_at=now, updated_at=now)
+        call.last_error = column_text
+        session.add(call)
+        session.flush()
+        event = InboundEvent(
+            source="pbx",
+            provider="generic",
+            dedupe_key=f"hostile:{now}",
+            received_at=now,
+            content_type="application/json",
+            query={"portal": text},
+            body=b'\xff\xfe{"call_id": "\xed\xa0\x80"}',
+            state="rejected",
+            error={"message": text, "fields": {text: [f"Unknown field {text}"]}},
+            call_id=call.id,
+        )
+        session.add(event)
+        session.flush()
+        return call.id, event.id
+
+
+def test_any_stored_content_renders_safely(client: FlaskClient, db: Database) -> None:
+    call_id, event_id = _store_hostile_content(db)
+    sign_in(client)
+
+    for url in ("/status/", f"/status/calls/{call_id}"):
+        response = client.get(url)
+        html = response.get_data(as_text=True)
+        assert response.status_code == 200, url
+        assert "\x00" not in html and "\x07" not in html
+        assert "\ufffd" in html
+    assert f"replay-{event_id}" in client.get("/status/").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("bad_id", [str(2**63), str(2**64 + 5), "99999999999999999999999999", "-1", "abc", "1.5"])
+def test_an_id_no_row_can_have_is_a_404(client: FlaskClient, bad_id: str) -> None:
+    sign_in(client)
+    token = csrf(client.get("/status/").get_data(as_text=True))
+
+    assert client.get(f"/status/calls/{bad_id}").status_code == 404
+    assert client.post(f"/status/jobs/{bad_id}/retry", data={"csrf_token": token}).status_code == 404
+    assert client.post(f"/status/events/{bad_id}/replay", data={"csrf_token": token}).status_code == 404
+    assert client.get(f"/status/calls/{2**63 - 1}").status_code == 404  # the largest id: looked up, not there
 
 
 def test_the_bearer_header_works_too(client: FlaskClient) -> None:
@@ -258,7 +452,7 @@ def test_an_admin_signs_in_opens_a_call_and_retries_its_dead_job(
     assert "Transcription is too long for this portal" in page
     assert "waiting for the PBX to report the call" in page
     cookie = browser.get_cookie("b24scribe_admin")
-    assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Lax"
     if "sqlite" in database_url:  # one picture is enough
         SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
