@@ -56,8 +56,12 @@ class WriteLock:
 
     SQLite's own busy handler makes a waiting writer sleep in growing steps (up to 100 ms), so two
     gunicorn processes contending for the write lock lose most of their time asleep. A blocking
-    flock on a file beside the database hands the lock over the moment it is free. Fails safe:
-    without the file lock, BEGIN IMMEDIATE and the busy timeout still serialise writers.
+    flock on a file beside the database hands the lock over the moment it is free. In a gevent
+    process (gunicorn's gevent worker) a blocking flock would stop every greenlet of the process,
+    so there the lock is polled without blocking and the greenlet sleeps cooperatively between
+    tries (COOPERATIVE_POLL_SECONDS, growing to COOPERATIVE_POLL_MAX_SECONDS): the other requests
+    of the process go on being read and answered meanwhile. Fails safe: without the file lock,
+    BEGIN IMMEDIATE and the busy timeout still serialise writers.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -65,6 +69,7 @@ class WriteLock:
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
         self._pid = 0
+        self._cooperative = False
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -75,11 +80,33 @@ class WriteLock:
         with self._thread_lock:
             if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
                 self._fd, self._pid = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+                self._cooperative = _under_gevent()
+            if self._cooperative:
+                _flock_cooperatively(self._fd)
+            else:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+COOPERATIVE_POLL_SECONDS = 0.0002
+COOPERATIVE_POLL_MAX_SECONDS = 0.002
+
+
+def _flock_cooperatively(fd: int) -> None:
+    """Take an exclusive flock without blocking the gevent loop: try, and sleep as a greenlet."""
+    import gevent
+
+    pause = COOPERATIVE_POLL_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            gevent.sleep(pause)
+            pause = min(pause * 2, COOPERATIVE_POLL_MAX_SECONDS)
 
 
 def _under_gevent() -> bool:

@@ -2,8 +2,8 @@
 
 A hook stores the raw event and one `apply` job in ONE transaction and answers only after the
 commit (SPEC 5); a duplicate delivery finds the stored event through the unique dedupe key and
-creates no second job. The worker then folds each stored event into its call (`fold_*`, called by
-`b24scribe.inbox`), where the register, finish, attach and fetch jobs are planned.
+creates no second job. The worker then folds each stored event into its call (`b24scribe.fold`,
+called by `b24scribe.inbox`), where the register, finish, attach and fetch jobs are planned.
 """
 
 from __future__ import annotations
@@ -11,24 +11,65 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import ColumnElement, Connection, String, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
 from b24scribe.db import Database
-from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
-from b24scribe.transcript import CallReference, Direction, Segment, VendorResult
+from b24scribe.models import Call, InboundEvent, Job
+from b24scribe.transcript import Direction, Segment, VendorResult
+
+
+def _column_length(column: ColumnElement[Any]) -> int:
+    assert isinstance(column.type, String) and column.type.length is not None
+    return column.type.length
+
+
+_MAX_KEY_LENGTH = _column_length(InboundEvent.__table__.c.dedupe_key)
+_MAX_CONTENT_TYPE_LENGTH = _column_length(InboundEvent.__table__.c.content_type)
+_HASHED = "~sha256:"  # marks a key kept as a readable prefix and the hash of the whole key
+_HASHED_PREFIX_LENGTH = _MAX_KEY_LENGTH - len(_HASHED) - 64
+# C0 and C1 control characters, DEL and lone surrogates: not storable (PostgreSQL text refuses NUL,
+# UTF-8 cannot encode a surrogate), nor meant in a key or a header.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def bounded_key(key: str) -> str:
+    """A dedupe key that fits its column and holds only printable text, and never collides by cutting.
+
+    A short printable key is kept as it is (so keys stored before stay meaningful). Any other one
+    (long, or holding a control character or a lone surrogate) becomes a readable prefix plus
+    `~sha256:` and the hash of the whole key: two keys that differ only past the prefix, such as
+    one long job id with `:0` and with `:1`, stay two keys. A short key that happens to contain
+    the marker is hashed too, so a kept key can never equal a hashed one.
+    """
+    if len(key) <= _MAX_KEY_LENGTH and key.isprintable() and _HASHED not in key:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    prefix = "".join(c if c.isprintable() else "?" for c in key[:_HASHED_PREFIX_LENGTH])
+    return prefix + _HASHED + digest
+
+
+def storable_content_type(content_type: str | None) -> str | None:
+    """The Content-Type header as stored: within its column, control characters replaced by `?`."""
+    if content_type is None or (len(content_type) <= _MAX_CONTENT_TYPE_LENGTH and content_type.isprintable()):
+        return content_type
+    return _UNSTORABLE.sub("?", content_type[:_MAX_CONTENT_TYPE_LENGTH])
 
 
 @dataclass(frozen=True, slots=True)
 class RawEvent:
-    """The request as received, minus credentials: what is kept for replay."""
+    """The request as received, minus credentials: what is kept for replay.
+
+    `content_type` is kept as stored (`storable_content_type`): the header is the sender's, of any length.
+    """
 
     source: str  # pbx | stt
     provider: str
@@ -37,12 +78,19 @@ class RawEvent:
     content_type: str | None
     delivery_id: str | None = None  # Standard Webhooks webhook-id, when signed that way
 
+    def __post_init__(self) -> None:
+        content_type = self.content_type
+        if content_type is not None and (
+            len(content_type) > _MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()
+        ):
+            object.__setattr__(self, "content_type", storable_content_type(content_type))
+
     def dedupe_key(self, natural_key: str | None) -> str:
         """The vendor's delivery id, else its natural key (job id), else the hash of its bytes."""
         if self.delivery_id:
-            return f"delivery:{self.delivery_id}"[:200]
+            return bounded_key(f"delivery:{self.delivery_id}")
         if natural_key:
-            return f"key:{natural_key}"[:200]
+            return bounded_key(f"key:{natural_key}")
         return "sha256:" + self.digest()
 
     def digest(self) -> str:
@@ -191,8 +239,25 @@ def _store(db: Database, raw: RawEvent, key: str, state: str, error: dict[str, A
 
 
 def store_rejected(db: Database, raw: RawEvent, error: dict[str, Any], natural_key: str | None = None) -> Outcome:
-    """Keep an authenticated but unprocessable event so it can be replayed after a fix."""
-    return _store(db, raw, raw.dedupe_key(natural_key), "rejected", error)
+    """Keep an authenticated but unprocessable event so it can be replayed after a fix.
+
+    The error may quote the sender (an unknown field's name is a key of `fields`): its control
+    characters and lone surrogates are replaced (`storable_error`) so that it can always be stored.
+    """
+    return _store(db, raw, raw.dedupe_key(natural_key), "rejected", storable_error(error))
+
+
+def storable_error(value: Any) -> Any:
+    """A JSON error with U+FFFD for every control character and lone surrogate in its strings and keys."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+    if isinstance(value, dict):
+        return {
+            storable_error(key) if isinstance(key, str) else key: storable_error(item) for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [storable_error(item) for item in value]
+    return value
 
 
 def store_event(db: Database, raw: RawEvent, key: str) -> Outcome:
@@ -215,7 +280,7 @@ def call_event_key(raw: RawEvent, call_id: str) -> str:
     """
     if raw.delivery_id:
         return raw.dedupe_key(None)
-    return f"call:{call_id[:128]}:{raw.digest()}"
+    return bounded_key(f"call:{call_id}:{raw.digest()}")
 
 
 def transcript_key(raw: RawEvent, result: VendorResult, options: TranscriptOptions) -> str:
@@ -227,144 +292,9 @@ def transcript_key(raw: RawEvent, result: VendorResult, options: TranscriptOptio
     return raw.dedupe_key(natural_key)
 
 
-def _find_or_create_call(session: Session, portal: str, pbx: str, pbx_call_id: str, now: float) -> Call:
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(
-        insert(Call)
-        .values(
-            portal=portal,
-            pbx=pbx,
-            pbx_call_id=pbx_call_id,
-            stage="new",
-            external=False,
-            answered=False,
-            finish_reported=False,
-            created_at=now,
-            updated_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["pbx", "pbx_call_id"])
-    )
-    return session.scalars(select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)).one()
-
-
-def _find_or_create_external_call(
-    session: Session, portal: str, b24_call_id: str, direction: Direction | None, now: float
-) -> Call:
-    call = session.scalars(
-        select(Call).where(Call.portal == portal, Call.b24_call_id == b24_call_id).order_by(Call.id).limit(1)
-    ).first()
-    if call is None:
-        # Registered by something else: we assume it is (or will be) finished there, and let
-        # "Is it finished?" answers retry until it is.
-        call = Call(
-            portal=portal,
-            b24_call_id=b24_call_id,
-            external=True,
-            stage="finished",
-            direction=(direction or Direction.INBOUND).value,
-            answered=False,
-            finish_reported=True,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(call)
-        session.flush()
-    return call
-
-
-def merge_call_event(call: Call, event: CallEvent, now: float) -> None:
-    """Fold an event into the call: later non-empty values win, nothing known is erased."""
-    for attribute, value in (
-        ("direction", event.direction.value if event.direction else None),
-        ("from_number", event.from_number),
-        ("to_number", event.to_number),
-        ("extension", event.extension),
-        ("user_id", event.user_id),
-        ("started_at", event.started_at),
-        ("line", event.line),
-        ("recording_url", event.recording_url),
-    ):
-        if value not in (None, ""):
-            setattr(call, attribute, value)
-    if event.event == "answered":
-        call.answered = True
-    if event.event == "finished":
-        call.finish_reported = True
-        if event.duration is not None:
-            call.duration = event.duration
-        if event.status:
-            call.status = event.status
-            call.answered = call.answered or event.status == "answered"
-    call.updated_at = now
-
-
-def fold_call_event(session: Session, portal: str, event_id: int, pbx: str, event: CallEvent, now: float) -> Call:
-    """Fold a stored PBX event into its call and make sure register (and finish) are queued."""
-    call = _find_or_create_call(session, portal, pbx, event.call_id, now)
-    session.get_one(InboundEvent, event_id).call_id = call.id
-    merge_call_event(call, event, now)
-    if call.stage == "new" and outbox.open_job(session, call.id, "register") is None:
-        outbox.enqueue(session, "register", call_id=call.id, event_id=event_id, portal=call.portal, now=now)
-    if call.finish_reported and call.stage != "finished" and outbox.open_job(session, call.id, "finish") is None:
-        outbox.enqueue(
-            session,
-            "finish",
-            call_id=call.id,
-            event_id=event_id,
-            portal=call.portal,
-            waiting=call.stage != "registered",
-            now=now,
-        )
-    return call
-
-
 def serialize_segments(segments: list[Segment]) -> list[list[Any]]:
     """Compact JSON rows for storage: [start, end, text, channel, speaker, side, glue]."""
     return [[s.start, s.end, s.text, s.channel, s.speaker, s.side.value if s.side else None, s.glue] for s in segments]
-
-
-def fold_transcript(
-    session: Session,
-    portal: str,
-    event_id: int,
-    vendor: str,
-    result: VendorResult,
-    reference: CallReference,
-    options: TranscriptOptions,
-    now: float,
-) -> Call:
-    """Store a transcript callback's result for its call and queue its attach (or its fetch)."""
-    if reference.b24_call_id:
-        call = _find_or_create_external_call(session, portal, reference.b24_call_id, options.direction, now)
-    else:
-        assert reference.pbx and reference.pbx_call_id  # intake.call_reference checked it
-        call = _find_or_create_call(session, portal, reference.pbx, reference.pbx_call_id, now)
-    session.get_one(InboundEvent, event_id).call_id = call.id
-    transcript = result.transcript
-    part = TranscriptPart(
-        call_id=call.id,
-        event_id=event_id,
-        vendor=vendor,
-        vendor_job_id=result.vendor_job_id,
-        status={"completed": "completed", "failed": "failed", "fetch": "fetching"}[result.status],
-        failure_reason=result.failure_reason,
-        channel_slot=options.channel_slot,
-        granularity=transcript.granularity if transcript else "segment",
-        segments=serialize_segments(transcript.segments) if transcript else None,
-        cost=transcript.cost if transcript else None,
-        cost_currency=transcript.cost_currency if transcript else None,
-        side_overrides=dict(options.side_overrides),
-        received_at=now,
-        delivery_state="failed" if result.status == "failed" else "queued",
-    )
-    session.add(part)
-    session.flush()
-    if result.status == "fetch":
-        outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
-    elif result.status == "completed":
-        queue_attach(session, call, event_id, now)
-    return call
 
 
 def queue_attach(session: Session, call: Call, event_id: int | None, now: float) -> None:

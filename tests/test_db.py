@@ -255,3 +255,70 @@ def test_under_gevent_a_batch_takes_every_request_already_in_the_process(tmp_pat
     assert sorted(result["ids"]) == sorted(rows.values()) and len(rows) == 199
     assert result["committed"] == 200
     assert result["batches"] <= 5, f"{result['batches']} commits for 200 requests ready within a few loop turns"
+
+
+WAITING_GREENLET_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time, gevent
+from sqlalchemy import text
+from b24scribe.db import Database
+
+database = Database(sys.argv[1])
+writes = []
+
+def write():  # waits for the write lock another process holds
+    with database.write() as session:
+        session.execute(text("INSERT INTO note (body) VALUES ('after the wait')"))
+    writes.append(time.monotonic())
+
+ticks = []
+def tick():  # another request of the same process: keeps being served while the write waits
+    while len(ticks) < 50:
+        gevent.sleep(0.002)
+        ticks.append(time.monotonic())
+
+writer = gevent.spawn(write)
+ticker = gevent.spawn(tick)
+ticker.join(10)
+print(json.dumps({"ticks": len(ticks), "written_while_ticking": len(writes)}), flush=True)
+sys.stdin.readline()  # the test releases its lock, then says so
+writer.join(10)
+print(json.dumps({"written": len(writes)}), flush=True)
+"""
+
+
+def test_under_gevent_waiting_for_the_write_lock_lets_the_other_greenlets_run(sqlite_db: Database) -> None:
+    # gunicorn's gevent worker: while the worker process holds the SQLite write lock, a request
+    # waiting for it must not stop the process's other requests (a blocking flock would)
+    import fcntl
+    import json
+    import os
+    import select
+    import subprocess
+    import sys
+
+    url = str(sqlite_db.write_engine.url)
+    lock_file = os.open(f"{sqlite_db.write_engine.url.database}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_file, fcntl.LOCK_EX)  # as another process (the worker) holding the lock
+    child = subprocess.Popen(
+        [sys.executable, "-c", WAITING_GREENLET_SCRIPT, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 15)
+        assert ready, "the waiting write stopped the whole process: the other greenlet never finished"
+        during = json.loads(child.stdout.readline())
+        assert during == {"ticks": 50, "written_while_ticking": 0}
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        os.close(lock_file)
+        child.stdin.write("released\n")
+        child.stdin.flush()
+    after = json.loads(child.stdout.readline())
+    assert child.wait(30) == 0
+    assert after == {"written": 1}
+    assert "after the wait" in stored(sqlite_db)
