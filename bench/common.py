@@ -1,6 +1,7 @@
 """Shared plumbing of the benchmarks: rows, processes (one process group each, always reaped),
-the real web and worker processes on a fresh SQLite database, the in-process fake Bitrix24,
-payloads, and the machine's description.
+the real web and worker processes on a fresh database (a SQLite file, or a PostgreSQL schema of
+B24SCRIBE_BENCH_POSTGRES_URL / B24SCRIBE_TEST_POSTGRES_URL), the worker's backlog read beside them,
+the in-process fake Bitrix24, payloads, and the machine's description.
 
 Everything listens on 127.0.0.1 only; every subprocess is bounded in time and killed with its
 process group when the bench ends (normally, on an exception, or on SIGTERM/SIGINT).
@@ -304,6 +305,186 @@ def fresh_database(space: Workspace, name: str) -> str:
     """A new SQLite database migrated with `flask --app app db upgrade` (the release step)."""
     path = space.path / f"{name}.sqlite3"
     url = f"sqlite:///{path}"
+    migrate(space, url, name)
+    return url
+
+
+def database_path(url: str) -> Path:
+    """The file of a `sqlite:///` URL."""
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def is_sqlite(url: str) -> bool:
+    """True for a `sqlite:` URL (else the bench runs on PostgreSQL)."""
+    return url.startswith("sqlite:")
+
+
+def count_rows(url: str, table: str, where: str = "") -> int:
+    """SELECT count(*) on the bench's own database (SQLite file or PostgreSQL schema)."""
+    query = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")  # noqa: S608
+    if is_sqlite(url):
+        with contextlib.closing(sqlite3.connect(database_path(url), timeout=30)) as connection:
+            return int(connection.execute(query).fetchone()[0])
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, poolclass=_null_pool())
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text(query)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _null_pool() -> Any:
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
+
+
+# The outbox's jobs that are not finished yet: the worker's backlog (stored events still to fold,
+# and deliveries to Bitrix24 still to make or waiting for their call).
+BACKLOG_STATES = ("waiting", "pending", "leased")
+BACKLOG_WHERE = "state IN ({})".format(", ".join(f"'{state}'" for state in BACKLOG_STATES))
+
+
+class DatabaseProbe:
+    """One read connection of the bench to the service's database: backlog and counts, cheaply.
+
+    A reader beside the service: SQLite in WAL mode lets it read while the service writes; on
+    PostgreSQL it is one more connection. Every query is an indexed count (`ix_job_due`).
+    """
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.url = url
+        self.engine = create_engine(url, poolclass=_null_pool())
+        self._connection = self.engine.connect()
+
+    def scalar(self, query: str) -> int:
+        """One integer (a count, or a max id: 0 when there is no row)."""
+        from sqlalchemy import text
+
+        result = self._connection.execute(text(query)).scalar()
+        self._connection.rollback()  # never hold a snapshot (SQLite: the WAL could not be checkpointed)
+        return int(result or 0)
+
+    def backlog(self, part: str = "all") -> int:
+        """Jobs not finished yet: `all`, `fold` (stored events to fold into their calls: the inbox's
+        `apply` jobs) or `delivery` (requests to Bitrix24 to make, or waiting for their call)."""
+        kinds = {"all": "", "fold": " AND kind = 'apply'", "delivery": " AND kind != 'apply'"}[part]
+        return self.scalar(f"SELECT count(*) FROM job WHERE {BACKLOG_WHERE}{kinds}")  # noqa: S608
+
+    def backlog_summary(self) -> str:
+        """What the backlog is made of: `kind state: n` and the commonest last errors (for notes)."""
+        from sqlalchemy import text
+
+        where = f"WHERE {BACKLOG_WHERE}"
+        groups = self._connection.execute(
+            text(f"SELECT kind, state, count(*) FROM job {where} GROUP BY kind, state ORDER BY 3 DESC")  # noqa: S608
+        ).all()
+        errors = self._connection.execute(
+            text(f"SELECT last_error, count(*) FROM job {where} GROUP BY last_error ORDER BY 2 DESC LIMIT 3")  # noqa: S608
+        ).all()
+        self._connection.rollback()
+        parts = [f"{kind} {state}: {count}" for kind, state, count in groups]
+        parts += [f"last error {str(error)[:120]!r} × {count}" for error, count in errors if error]
+        return "; ".join(parts) or "empty"
+
+    def jobs_created(self) -> int:
+        """The newest job's id: how many jobs were ever created (ids only grow)."""
+        return self.scalar("SELECT max(id) FROM job")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._connection.close()
+        self.engine.dispose()
+
+    def __enter__(self) -> DatabaseProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wait_for_drain(
+    url: str, timeout: float, processes: Sequence[subprocess.Popen[bytes]] = (), part: str = "all"
+) -> tuple[int, float]:
+    """Wait until the backlog (`part` of it, see DatabaseProbe.backlog) is empty or `timeout` has
+    passed: (jobs left, seconds waited)."""
+    started = time.monotonic()
+    with DatabaseProbe(url) as probe:
+        left = probe.backlog(part)
+        while left and time.monotonic() - started < timeout:
+            if any(process.poll() is not None for process in processes):
+                break  # a worker died: nothing will drain
+            time.sleep(0.1)
+            left = probe.backlog(part)
+    return left, time.monotonic() - started
+
+
+POSTGRES_ENV = ("B24SCRIBE_BENCH_POSTGRES_URL", "B24SCRIBE_TEST_POSTGRES_URL")
+
+
+def postgres_server() -> str | None:
+    """The PostgreSQL server the benches may use (first of POSTGRES_ENV that is set), if reachable."""
+    from sqlalchemy import create_engine
+
+    for name in POSTGRES_ENV:
+        url = os.environ.get(name)
+        if not url:
+            continue
+        engine = create_engine(url, poolclass=_null_pool())
+        try:
+            with engine.connect():
+                return url
+        except Exception:  # noqa: BLE001 - unreachable means "no PostgreSQL for the benches"
+            return None
+        finally:
+            engine.dispose()
+    return None
+
+
+def backends_available() -> list[str]:
+    """sqlite always; postgresql when one is configured and reachable."""
+    return ["sqlite"] + (["postgresql"] if postgres_server() else [])
+
+
+@contextlib.contextmanager
+def database(space: Workspace, backend: str, name: str) -> Iterator[str]:
+    """A fresh migrated database: a SQLite file in the workspace, or a new PostgreSQL schema
+    (dropped at the end). Both migrated with `flask --app app db upgrade` (the release step)."""
+    if backend == "sqlite":
+        yield fresh_database(space, name)
+        return
+    if backend != "postgresql":
+        raise ValueError(f"backend must be sqlite or postgresql, not {backend!r}")
+    server = postgres_server()
+    if server is None:
+        raise RuntimeError(f"no reachable PostgreSQL: set {POSTGRES_ENV[0]} (a SQLAlchemy URL)")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    schema = f"bench_{name.replace('-', '_')[:30]}_{uuid.uuid4().hex[:8]}".lower()
+    admin = create_engine(server, isolation_level="AUTOCOMMIT", poolclass=_null_pool())
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        separator = "&" if "?" in server else "?"
+        url = f"{server}{separator}options=-csearch_path%3D{schema}"
+        try:
+            migrate(space, url, name)
+            yield url
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+def migrate(space: Workspace, url: str, name: str) -> None:
+    """`flask --app app db upgrade` on `url` (output in the workspace)."""
     log = space.path / f"{name}.migrate.log"
     with log.open("wb") as out:
         subprocess.run(
@@ -315,19 +496,6 @@ def fresh_database(space: Workspace, name: str) -> str:
             check=True,
             timeout=120,
         )
-    return url
-
-
-def database_path(url: str) -> Path:
-    """The file of a `sqlite:///` URL."""
-    return Path(url.removeprefix("sqlite:///"))
-
-
-def count_rows(url: str, table: str, where: str = "") -> int:
-    """SELECT count(*) on the bench's own SQLite database."""
-    with contextlib.closing(sqlite3.connect(database_path(url), timeout=30)) as connection:
-        query = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")  # noqa: S608
-        return int(connection.execute(query).fetchone()[0])
 
 
 @dataclass

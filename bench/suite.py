@@ -5,18 +5,28 @@ machines are shared and noisy, so the figures that matter are ratios measured si
 one table (`bench | figure | target | ok`), then notes (per-run figures, profiles of missed
 targets). Writes bench/results/latest.json. Exits 1 when any target is missed or a bench fails.
 
-    python bench/suite.py [--only ingest,e2e] [--quick] [--profile]
+The benches that measure what users get run the Procfile's processes together: `ingest` (web +
+worker vs bare Flask, SQLite and PostgreSQL), `sustained` (the highest rate of calls the whole
+service keeps up with), `fault` (300 calls at the default settings while Bitrix24 fails and workers
+are killed). PostgreSQL runs need B24SCRIBE_BENCH_POSTGRES_URL or B24SCRIBE_TEST_POSTGRES_URL
+(each run gets its own schema); without one only SQLite is measured. Benches added beside this file
+(fold_rate.py, delivery_cpu.py, health_queries.py) are run when present.
+
+    python bench/suite.py [--only ingest,sustained] [--quick] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +34,30 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
     _root = str(Path(__file__).resolve().parent.parent)
     sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench import e2e, ingest, memory, pacing_one_portal
-from bench.common import ROOT, Row, install_signal_handlers, machine, print_rows, row
+from bench import e2e, fault_run, ingest, memory, pacing_one_portal, sustained
+from bench.common import BIN, ROOT, Row, install_signal_handlers, machine, postgres_server, print_rows, row
 
-BENCHES = ("translation", "ingest", "e2e", "memory", "pacing", "pacing-portals")
+BENCHES = (
+    "translation",
+    "ingest",
+    "sustained",
+    "fault",
+    "e2e",
+    "memory",
+    "pacing",
+    "pacing-portals",
+    "fold-rate",
+    "delivery-cpu",
+    "health-queries",
+)
+# Benches other work adds beside this file: run when their module is there. Their size arguments
+# (quick, full), passed where the module's run() or command line takes them.
+OPTIONAL: dict[str, tuple[str, dict[str, tuple[int, int]]]] = {
+    "fold-rate": ("fold_rate", {"events": (1_500, 6_000)}),
+    "delivery-cpu": ("delivery_cpu", {}),
+    "health-queries": ("health_queries", {"events": (20_000, 1_000_000), "runs": (5, 20)}),
+}
+OPTIONAL_TIMEOUT = 1800.0  # seconds, for one that runs as a command
 
 
 def translation_rows() -> list[Row]:
@@ -51,16 +81,85 @@ def portals_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def plan(quick: bool, profile: bool | None) -> dict[str, Callable[[], list[Row]]]:
+def optional_rows(name: str, quick: bool, notes: list[str]) -> list[Row]:
+    """Rows of a bench other work adds (bench/<module>.py), if it is there.
+
+    Its `run()` is called with what it takes of `quick`, its size arguments and `postgres_url`, and
+    its rows are used as they are; a module with only a command line is run as
+    `python bench/<module>.py` (its size options where it has them): its output goes to the notes
+    and its exit status is a row."""
+    module_name, sizes = OPTIONAL[name]
+    path = ROOT / "bench" / f"{module_name}.py"
+    if not path.exists():
+        return [row(f"{name}: not run", f"bench/{module_name}.py is not there", "", "", None)]
+    chosen = {key: quick_size if quick else full_size for key, (quick_size, full_size) in sizes.items()}
+    module = importlib.import_module(f"bench.{module_name}")
+    run = getattr(module, "run", None)
+    if callable(run):
+        accepted = inspect.signature(run).parameters
+        offered: dict[str, Any] = {**chosen, "quick": quick, "postgres_url": postgres_server()}
+        produced = run(**{key: value for key, value in offered.items() if key in accepted})
+        return [as_row(name, item) for item in produced]
+    source = path.read_text()
+    argv = [str(BIN / "python"), str(path)]
+    for key, value in chosen.items():
+        option = "--" + key.replace("_", "-")
+        if option in source:
+            argv += [option, str(value)]
+    server = postgres_server()
+    env = dict(os.environ)
+    if server:  # the same PostgreSQL as the suite's own benches, however the bench is told about it
+        env.setdefault("B24SCRIBE_TEST_POSTGRES_URL", server)
+        env.setdefault("B24SCRIBE_BENCH_POSTGRES_URL", server)
+    started = time.monotonic()
+    done = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=OPTIONAL_TIMEOUT, check=False
+    )
+    shown = " ".join(Path(arg).name if arg == str(path) else arg for arg in argv[1:])
+    notes.append(f"{name} (`bench/{shown}`):\n" + (done.stdout + done.stderr[-2000:]).rstrip())
+    seconds = time.monotonic() - started
+    rows = [row(f"{name}: {label}", figure) for label, figure in printed_figures(done.stdout)]
+    status = f"exit {done.returncode}, {seconds:.0f} s"
+    rows.append(row(f"{name}: the command's own verdict", status, "", "exit 0", done.returncode == 0))
+    return rows
+
+
+def printed_figures(output: str, width: int = 100) -> list[tuple[str, str]]:
+    """`label: figures` lines a bench printed, as (label, figures) pairs (figures cut at `width`)."""
+    pairs: list[tuple[str, str]] = []
+    for line in output.splitlines():
+        label, colon, figures = line.partition(":")
+        figures = " ".join(figures.split())
+        if colon and label.strip() and any(character.isdigit() for character in figures):
+            pairs.append((label.strip(), figures if len(figures) <= width else figures[: width - 1] + "…"))
+    return pairs
+
+
+def as_row(bench: str, item: Mapping[str, Any]) -> Row:
+    """Another bench's row in the suite's shape (a missing field is a clear error)."""
+    missing = [key for key in ("name", "figure") if key not in item]
+    if missing:
+        raise ValueError(f"{bench}: a row without {', '.join(missing)}: {dict(item)!r}")
+    return row(
+        str(item["name"]), item["figure"], str(item.get("unit", "")), str(item.get("target", "")), item.get("ok")
+    )
+
+
+def plan(quick: bool, profile: bool | None, notes: list[str]) -> dict[str, Callable[[], list[Row]]]:
     """The benches and their arguments (quick: fewer and shorter runs, for a smoke check)."""
-    return {
+    benches: dict[str, Callable[[], list[Row]]] = {
         "translation": translation_rows,
         "ingest": lambda: ingest.run(rounds=1 if quick else 3, seconds=3.0 if quick else 10.0, profile=profile),
+        "sustained": lambda: sustained.run(plan=sustained.Plan.quick() if quick else sustained.Plan()),
+        "fault": lambda: fault_run.run(quick=quick),
         "e2e": lambda: e2e.run(count=30 if quick else 200),
         "memory": lambda: memory.run(calls=2 if quick else 4),
         "pacing": lambda: pacing_one_portal.run(count=60 if quick else 130),
         "pacing-portals": lambda: portals_rows(quick),
     }
+    for name in OPTIONAL:
+        benches[name] = lambda name=name: optional_rows(name, quick, notes)  # type: ignore[misc]
+    return benches
 
 
 def load_average() -> str:
@@ -85,14 +184,14 @@ def main() -> int:
     unknown = sorted(set(chosen) - set(BENCHES))
     if unknown:
         parser.error(f"unknown bench(es): {', '.join(unknown)}")
-    if "ingest" in chosen:
+    if {"ingest", "sustained"} & set(chosen):
         ingest.ensure_wrk()  # fail (or install) before anything runs
     host = machine()
     host["load average before"] = load_average()
     started = time.monotonic()
     rows: list[Row] = []
     notes: list[str] = []
-    benches = plan(args.quick, args.profile)
+    benches = plan(args.quick, args.profile, notes)
     for name in chosen:
         print(f"running {name} …", file=sys.stderr, flush=True)
         began = time.monotonic()
@@ -101,8 +200,7 @@ def main() -> int:
         except Exception as error:  # one broken bench must not hide the others' figures
             rows.append(row(f"{name}: failed", f"{type(error).__name__}: {error}"[:150], "", "runs", False))
             notes.append(f"{name} failed:\n" + traceback.format_exc())
-        if name == "ingest":
-            notes += ingest.NOTES
+        notes += {"ingest": ingest.NOTES, "sustained": sustained.NOTES, "fault": fault_run.NOTES}.get(name, [])
         print(f"  {name} took {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
     host["load average after"] = load_average()
     host["suite took"] = f"{time.monotonic() - started:.0f} s"
