@@ -297,7 +297,11 @@ HOOK_ERRORS = [
     (403, "authentication failed (a vendor's own scheme refused the request); nothing is stored"),
     (404, "no such vendor or PBX"),
     (408, "the body did not arrive within B24SCRIBE_BODY_TIMEOUT_SECONDS (30 s); nothing is stored"),
-    (413, "the body is over the route's limit: PBX events 64 KiB, transcripts B24SCRIBE_MAX_BODY_BYTES (default 20 MiB); nothing is stored"),
+    (
+        413,
+        "the body is over the route's limit: PBX events 64 KiB, transcripts B24SCRIBE_MAX_BODY_BYTES "
+        "(default 20 MiB); nothing is stored",
+    ),
     (
         422,
         "the payload can never be processed: `fields` names each bad field; it is kept as a rejected event "
