@@ -1,15 +1,24 @@
 """Executing outbox jobs: register → finish → attachTranscription per call, and vendor fetches.
 
-Each executor reads what it needs, sends at most one request, and records the outcome in one
-transaction that also checks the lease is still ours.
+Claimed jobs come in batches that already carry what the claim read (kind, call, transcript, and
+the call row itself, read in the claim's transaction by `Deliverer.prepare`); each executor reads
+what else it needs and sends at most one request (plus the look-up before a resend). Outcomes are
+recorded together, in one transaction that also checks every lease is still ours: at the end of
+the batch, and before any request goes out. Sender threads share those transactions: an outcome
+joins the next group commit (`GroupCommit`), and its thread waits until it is durable before the
+job lets go of its lease, so the call's next step is never claimed before it. Failure policy: a job's failure
+is the job's — any exception while handling or recording it (a bug, a transcript that cannot be
+translated, a surprise answer) spends an attempt and follows the retry schedule to dead, with the
+reason; only a lost database is nobody's failure (the worker backs off, the lease returns the job).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +28,7 @@ import structlog
 from marshmallow import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from b24scribe import metrics, outbox, ratelimit
@@ -60,8 +70,84 @@ UNKNOWN_NUMBER = "0"  # what Bitrix24 gets for anonymous/withheld numbers (it re
 PHONE_CHARACTERS = set("0123456789#*+,;")
 
 
+MAX_REASON = 500  # characters of an unexpected error kept as the job's last_error
+
+
 class LeaseLost(Exception):
     """Our lease expired and the job was reclaimed; the outcome is not ours to record."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A job's outcome waiting for the batch's next flush."""
+
+    claim: Claim
+    apply: Callable[[Session, Job], None]
+    on_lost: Callable[[Session], None] | None
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One thread's outcomes waiting for a group commit, and what became of them."""
+
+    outcomes: list[_Outcome]
+    stalled: dict[str, int]
+    done: bool = False
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Outcomes of many threads written in one transaction: the first thread to arrive writes
+    everything queued (its own and any others'), the rest wait for it; whoever arrives while a
+    write is under way is in the next one. Nobody waits for a timer: under load the groups grow
+    by themselves, alone a thread writes at once. A failed write fails every thread of its group
+    (the caller's error handling runs in each)."""
+
+    def __init__(self, write: Callable[[list[_Outcome], dict[str, int]], None]) -> None:
+        self._write = write
+        self._changed = threading.Condition()
+        self._queue: list[_Entry] = []
+        self._writing = False
+        self.groups = 0  # group commits written (a figure for tests and benchmarks)
+
+    def record(self, outcomes: list[_Outcome], stalled: dict[str, int]) -> None:
+        """Write these outcomes, alone or with others'; returns once they are durable."""
+        entry = _Entry(outcomes, stalled)
+        with self._changed:
+            self._queue.append(entry)
+            while self._writing and not entry.done:
+                self._changed.wait()
+            if not entry.done:  # nobody is writing: this thread writes the queue
+                group, self._queue, self._writing = self._queue, [], True
+        if not entry.done:
+            error: BaseException | None = None
+            try:
+                merged: dict[str, int] = {}
+                for queued in group:
+                    merged.update(queued.stalled)
+                self._write([outcome for queued in group for outcome in queued.outcomes], merged)
+                self.groups += 1
+            except BaseException as failure:
+                error = failure
+            with self._changed:
+                for queued in group:
+                    queued.done, queued.error = True, error
+                self._writing = False
+                self._changed.notify_all()
+        if entry.error is not None:
+            raise entry.error
+
+
+def pace_from(settings: Settings) -> Pace:
+    """The pacing the settings give every portal."""
+    return Pace(settings.rate_per_second, settings.rate_burst, settings.lease_seconds, settings.portal_concurrency)
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """The database went away (restart, lost connection): nobody's failure, the worker waits."""
+    return isinstance(error, OperationalError | InterfaceError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
 
 
 def phone_for_bitrix24(number: str | None) -> str:
@@ -183,15 +269,28 @@ class Deliverer:
     settings: Settings
     clients: dict[str, Bitrix24Client]
     http: requests.Session
-    # requests sent so far for the job each claim owner (one per worker thread) is running
-    _sent: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    # when this worker's heartbeat was last written (its own clock); 0: unknown (see `_lease_holds`)
+    beat_at: float = 0.0
+    # what the thread running a batch has gathered: outcomes not yet recorded, the batch's calls,
+    # requests sent for its current job, portals whose requests stalled (one per worker thread)
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
+    # the calls claims read in their own transaction (`prepare`), by job id, until the job runs
+    _prepared: dict[int, Call] = field(default_factory=dict, init=False, repr=False)
+    _prepared_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _group: GroupCommit = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._group = GroupCommit(self._write_each_if_needed)
 
     @classmethod
     def from_settings(cls, db: Database, settings: Settings) -> Deliverer:
         """A deliverer with a client per configured portal (none in dry-run)."""
-        http = requests.Session()
+        http = requests.Session()  # vendor fetches
+        # a client per portal, each with a keep-alive pool of as many connections as the portal has
+        # requests in flight at most (its B24SCRIBE_PORTAL_CONCURRENCY slots)
+        pool = max(1, min(settings.portal_concurrency, settings.worker_senders))
         clients = {
-            portal: Bitrix24Client(url, settings.bitrix24_timeout, http)
+            portal: Bitrix24Client(url, settings.bitrix24_timeout, pool_size=pool)
             for portal, url in settings.portal_urls().items()
         }
         return cls(db, settings, clients, http)
@@ -201,38 +300,184 @@ class Deliverer:
         """Nothing is sent: no portal is configured."""
         return not self.clients
 
+    @property
+    def group_commits(self) -> int:
+        """How many transactions the outcomes recorded so far took (several outcomes may share one)."""
+        return self._group.groups
+
+    @property
+    def pace(self) -> Pace:
+        """The pacing every portal gets, from the settings."""
+        return pace_from(self.settings)
+
+    def prepare(self, session: Session, claims: Sequence[Claim]) -> None:
+        """Read the claims' calls in the claim's own transaction (one query, no transaction of its
+        own); each job finds its call there when it runs. Only the calls leave the session: the
+        claim's other changes (its pacing rows) are still to be committed."""
+        ids = sorted({claim.call_id for claim in claims if claim.call_id is not None})
+        if not ids:
+            return
+        calls = {call.id: call for call in session.scalars(select(Call).where(Call.id.in_(ids)))}
+        for call in calls.values():
+            session.expunge(call)
+        with self._prepared_lock:
+            self._prepared.update((claim.job_id, calls[claim.call_id]) for claim in claims if claim.call_id in calls)
+
+    def forget(self, claims: Sequence[Claim]) -> None:
+        """Drop what `prepare` read for claims that will not run here."""
+        with self._prepared_lock:
+            for claim in claims:
+                self._prepared.pop(claim.job_id, None)
+
     def run(self, claim: Claim) -> None:
         """Execute one claimed job and record its outcome."""
+        self.run_batch([claim])
+
+    def run_batch(self, claims: Sequence[Claim]) -> None:
+        """Execute claimed jobs one after another and record their outcomes together: before any
+        request goes out (what is done is durable before we wait on a portal) and at the end, in
+        one transaction each."""
+        local = self._local
+        local.outcomes, local.stalled = [], {}
+        local.calls = self._calls(claims)
+        try:
+            for claim in claims:
+                self._run_one(claim)
+            self._flush()
+        finally:
+            local.outcomes, local.calls, local.stalled = [], {}, {}
+
+    def _run_one(self, claim: Claim) -> None:
         structlog.contextvars.bind_contextvars(job_id=claim.job_id, job_kind=claim.kind)
-        self._sent[claim.owner] = 0
+        self._local.sent = 0
         try:
             {"register": self._register, "finish": self._finish, "attach": self._attach, "fetch": self._fetch}[
                 claim.kind
             ](claim)
         except LeaseLost:
             log.warning("lease lost; another worker owns the job now")
+        except Exception as error:
+            if database_unavailable(error):
+                raise  # not the job's failure: the worker backs off; the lease brings the job back
+            # Whatever went wrong is this job's failure: an attempt, the retry schedule, then dead.
+            log.exception("job failed unexpectedly", error_type=type(error).__name__)
+            self._fail_unexpectedly(claim, error)
         finally:
-            structlog.contextvars.unbind_contextvars("job_id", "job_kind")
+            structlog.contextvars.unbind_contextvars("job_id", "job_kind", "call_id")
+
+    def _fail_unexpectedly(self, claim: Claim, error: BaseException) -> None:
+        """Drop what the job had queued and record the failure instead."""
+        self._local.outcomes = [o for o in self._local.outcomes if o.claim.job_id != claim.job_id]
+        self._local.outcomes.append(
+            self._failure(claim, f"unexpected {type(error).__name__} while handling the job: {error}")
+        )
+
+    def _failure(self, claim: Claim, reason: str) -> _Outcome:
+        """The outcome of a job that failed unexpectedly: an attempt spent, retried on the schedule."""
+        reason, schedule = reason[:MAX_REASON], self.settings.retry_schedule
+        return _Outcome(claim, lambda s, j: outbox.retry_later(s, j, reason, time.time(), schedule=schedule), None)
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _record(self, claim: Claim, apply: Callable[[Session, Job], None]) -> None:
-        now = time.time()
-        with self.db.write() as session:
-            job = outbox.leased_job(session, claim)
-            if job is None:
-                raise LeaseLost()
-            apply(session, job)
-            job.updated_at = now
-        metrics.job_ran(claim.kind, job.state)
+    def _record(
+        self, claim: Claim, apply: Callable[[Session, Job], None], on_lost: Callable[[Session], None] | None = None
+    ) -> None:
+        """Queue the job's outcome; it is written with the batch's next flush, if the lease is
+        still ours then (else `on_lost` runs instead: facts that must be kept regardless)."""
+        self._local.outcomes.append(_Outcome(claim, apply, on_lost))
 
-    def _load(self, claim: Claim) -> tuple[Job, Call | None]:
+    def _flush(self) -> None:
+        outcomes: list[_Outcome] = self._local.outcomes
+        stalled: dict[str, int] = self._local.stalled
+        if not outcomes and not stalled:
+            return
+        self._local.outcomes, self._local.stalled = [], {}
+        self._group.record(outcomes, stalled)
+
+    def _write_each_if_needed(self, outcomes: list[_Outcome], stalled: dict[str, int]) -> None:
+        """Write outcomes together; if that fails (not for a lost database), each alone."""
+        try:
+            self._write(outcomes, stalled)
+        except Exception as error:
+            if database_unavailable(error):
+                raise
+            # An outcome could not be written (a bug): write each alone, so the others keep theirs,
+            # and the one that fails is its job's failure.
+            for outcome in outcomes:
+                try:
+                    if len(outcomes) == 1:
+                        raise error
+                    self._write([outcome], {})
+                except Exception as alone:
+                    if database_unavailable(alone):
+                        raise
+                    log.exception("recording a job's outcome failed", error_type=type(alone).__name__)
+                    reason = f"unexpected {type(alone).__name__} while recording the outcome: {alone}"
+                    self._write([self._failure(outcome.claim, reason)], {})
+
+    def _write(self, outcomes: list[_Outcome], stalled: dict[str, int]) -> None:
+        now = time.time()
+        ran: list[tuple[str, str]] = []
+        lost = 0
+        with self.db.write() as session:
+            jobs = outbox.leased_jobs(session, [o.claim for o in outcomes])
+            # One read for the batch's calls, kept referenced (the identity map holds objects weakly)
+            # so the outcomes' get_one(Call, …) find them without a query each. On PostgreSQL the
+            # rows are locked, in id order, before anything is changed or released: folding reads
+            # a call with the same lock before it parks a job "waiting" for the call's stage, so
+            # either it sees the stage this outcome commits, or its waiting job is committed
+            # before `run_releases` below looks for it (no lost wake-up).
+            call_ids = sorted({o.claim.call_id for o in outcomes if o.claim.call_id is not None})
+            calls_query = select(Call).where(Call.id.in_(call_ids)).order_by(Call.id)
+            if not self.db.is_sqlite:
+                calls_query = calls_query.with_for_update()
+            calls = session.scalars(calls_query).all() if call_ids else []
+            for outcome in outcomes:
+                job = jobs.get(outcome.claim.job_id)
+                if job is None or job.state != "leased":
+                    lost += 1
+                    if outcome.on_lost is not None:
+                        outcome.on_lost(session)
+                    continue
+                outcome.apply(session, job)
+                job.updated_at = now
+                ran.append((outcome.claim.kind, job.state))
+            outbox.run_releases(session, now)
+            ratelimit.settle(session, stalled, now, self.pace)
+            del calls
+        for kind, state in ran:
+            metrics.job_ran(kind, state)
+        if lost:
+            log.warning("lease lost; another worker owns the job now", jobs=lost)
+
+    def _calls(self, claims: Sequence[Claim]) -> dict[int, Call]:
+        """The batch's calls: those its claims read (`prepare`), the others read once here (a batch
+        holds at most one job per call)."""
+        calls: dict[int, Call] = {}
+        with self._prepared_lock:
+            for claim in claims:
+                call = self._prepared.pop(claim.job_id, None)
+                if call is not None:
+                    calls[call.id] = call
+        ids = [claim.call_id for claim in claims if claim.call_id is not None and claim.call_id not in calls]
+        if not ids:
+            return calls
         with self.db.read() as session:
-            job = session.get_one(Job, claim.job_id)
-            call = session.get(Call, job.call_id) if job.call_id else None
+            calls.update((call.id, call) for call in session.scalars(select(Call).where(Call.id.in_(ids))))
             session.expunge_all()
-        structlog.contextvars.bind_contextvars(call_id=job.call_id)
-        return job, call
+        return calls
+
+    def _load(self, claim: Claim) -> tuple[Claim, Call | None]:
+        calls: dict[int, Call] = getattr(self._local, "calls", {})
+        call = None
+        if claim.call_id is not None:
+            call = calls.get(claim.call_id)
+            if call is None:  # a claim from outside a batch
+                with self.db.read() as session:
+                    call = session.get(Call, claim.call_id)
+                    session.expunge_all()
+        structlog.contextvars.bind_contextvars(call_id=claim.call_id)
+        return claim, call
 
     def _send(self, claim: Claim, method: str, params: dict[str, Any]) -> Response | None:
         """Send to the job's portal, or in dry-run return None (the caller records the request)."""
@@ -241,29 +486,47 @@ class Deliverer:
         client = self.clients.get(claim.portal or "")
         if client is None:
             raise PermanentError(f"portal {claim.portal!r} is not configured (B24SCRIBE_BITRIX24_PORTALS)")
-        if claim.portal is not None and self._sent.get(claim.owner, 0) > 0:
+        self._flush()  # what the batch has done so far is recorded before we wait on a portal
+        if claim.portal is not None and getattr(self._local, "sent", 0) > 0:
             self._wait_for_token(claim.portal)  # the claim paid for the first request only
         if not self._lease_holds(claim):
             raise LeaseLost()
-        self._sent[claim.owner] = self._sent.get(claim.owner, 0) + 1
-        with metrics.bitrix24_request(method):
-            return client.call(method, params)
+        self._local.sent = getattr(self._local, "sent", 0) + 1
+        started = time.monotonic()
+        try:
+            with metrics.bitrix24_request(method):
+                return client.call(method, params)
+        finally:
+            if claim.portal is not None and time.monotonic() - started > self.pace.stall_seconds:
+                self._local.stalled[claim.portal] = 1
 
     def _lease_holds(self, claim: Claim) -> bool:
         """Fencing, fails closed: send only while our lease has a margin left, so a worker that
         stalled past its lease cannot send behind the back of the job's next owner (whose look-up
-        then comes at least the margin after our request)."""
+        then comes at least the margin after our request).
+
+        Without a read when the claim itself proves it: a lease is only taken back once it has
+        expired or once its worker's heartbeat is B24SCRIBE_WORKER_DEAD_AFTER_SECONDS old, so a
+        claim younger than its lease less the margin, by a worker that beat within half the dead-
+        after time, still holds (workers' clocks may differ by up to that half). Anything older,
+        or a worker whose beats lag, asks the database."""
+        margin = min(self.settings.lease_seconds / 3, self.settings.bitrix24_timeout)
+        now = time.time()
+        if (
+            claim.claimed_at <= now < claim.claimed_at + self.settings.lease_seconds - margin
+            and 0.0 <= now - self.beat_at < self.settings.worker_dead_after_seconds / 2
+        ):
+            return True
         with self.db.read() as session:
             expires = session.scalar(
                 select(Job.lease_expires_at).where(
                     Job.id == claim.job_id, Job.state == "leased", Job.lease_owner == claim.owner
                 )
             )
-        margin = min(self.settings.lease_seconds / 3, self.settings.bitrix24_timeout)
         return expires is not None and expires - time.time() > margin
 
     def _wait_for_token(self, portal: str) -> None:
-        pace = Pace(self.settings.rate_per_second, self.settings.rate_burst, self.settings.lease_seconds)
+        pace = self.pace
         deadline = time.monotonic() + 2.0 / pace.rate_per_second
         while True:
             with self.db.write() as session:
@@ -283,23 +546,22 @@ class Deliverer:
                 until = now + ratelimit.THROTTLE_PAUSE_SECONDS
                 if claim.portal:
                     ratelimit.pause(session, claim.portal, until, "QUERY_LIMIT_EXCEEDED", now)
-                outbox.defer(session, job, claim, until, message, now)
+                outbox.defer(session, job, until, message, now)
             elif isinstance(error, OperationLimitError):
                 if claim.portal:
                     ratelimit.pause(session, claim.portal, error.reset_at, "OPERATION_TIME_LIMIT", now)
-                outbox.defer(session, job, claim, error.reset_at, message, now)
+                outbox.defer(session, job, error.reset_at, message, now)
             elif error.retryable:
                 outbox.retry_later(
                     session,
                     job,
-                    claim,
                     message,
                     now,
                     ambiguous=isinstance(error, AmbiguousError),
                     schedule=self.settings.retry_schedule,
                 )
             else:
-                outbox.kill(session, job, claim, message, now)
+                outbox.kill(session, job, message, now)
                 if job.call_id:
                     session.get_one(Call, job.call_id).last_error = message
 
@@ -308,17 +570,15 @@ class Deliverer:
     # -- register ---------------------------------------------------------------------------
 
     def _register(self, claim: Claim) -> None:
-        job, call = self._load(claim)
+        _, call = self._load(claim)
         assert call is not None
         if call.stage != "new":
-            self._record(
-                claim, lambda s, j: outbox.complete(s, j, claim, {"skipped": "already registered"}, time.time())
-            )
+            self._record(claim, lambda s, j: outbox.complete(s, j, {"skipped": "already registered"}, time.time()))
             return
         params = register_params(call, self.settings)
         if "USER_ID" not in params and "USER_PHONE_INNER" not in params:
             reason = "no Bitrix24 user for this call: the PBX sent no extension; set B24SCRIBE_DEFAULT_USER_ID"
-            self._record(claim, lambda s, j: outbox.kill(s, j, claim, reason, time.time()))
+            self._record(claim, lambda s, j: outbox.kill(s, j, reason, time.time()))
             return
         try:
             response = self._send(claim, "telephony.externalCall.register", params)
@@ -335,7 +595,7 @@ class Deliverer:
             row = session.get_one(Call, call.id)
             row.b24_call_id, row.stage, row.registered_at, row.last_error = b24_call_id, "registered", now, None
             job.request = {"method": "telephony.externalCall.register", "params": params}
-            outbox.complete(session, job, claim, {"CALL_ID": b24_call_id, "dry_run": response is None}, now)
+            outbox.complete(session, job, {"CALL_ID": b24_call_id, "dry_run": response is None}, now)
             outbox.release_waiting(session, call.id, "finish", now)
 
         self._record(claim, apply)
@@ -348,20 +608,20 @@ class Deliverer:
             row = session.get_one(Call, call_id)
             row.user_id = default_user
             row.note = f"extension {row.extension!r} matches no Bitrix24 user; used B24SCRIBE_DEFAULT_USER_ID"
-            outbox.defer(session, job, claim, now, error.description, now)
+            outbox.defer(session, job, now, error.description, now)
 
         self._record(claim, apply)
 
     # -- finish -----------------------------------------------------------------------------
 
     def _finish(self, claim: Claim) -> None:
-        job, call = self._load(claim)
+        _, call = self._load(claim)
         assert call is not None
         if call.stage == "finished":
-            self._record(claim, lambda s, j: outbox.complete(s, j, claim, {"skipped": "already finished"}, time.time()))
+            self._record(claim, lambda s, j: outbox.complete(s, j, {"skipped": "already finished"}, time.time()))
             return
         if call.stage != "registered":
-            self._record(claim, lambda s, j: outbox.wait_for_call(s, j, claim, "waiting for register", time.time()))
+            self._record(claim, lambda s, j: outbox.wait_for_call(s, j, "waiting for register", time.time()))
             return
         params = finish_params(call, self.settings)
         try:
@@ -383,9 +643,9 @@ class Deliverer:
             summary: dict[str, object] = (
                 {"ID": result.get("ID")} if isinstance(result, dict) else {"dry_run": result is None}
             )
-            outbox.complete(session, job, claim, summary, now)
+            outbox.complete(session, job, summary, now)
             outbox.release_waiting(session, call_id, "attach", now)
-            _revive_orphans(session, call_id, now)
+            outbox.revive_orphans(session, call_id)
 
         self._record(claim, apply)
 
@@ -411,7 +671,7 @@ class Deliverer:
             row.stage, row.b24_call_id = "new", None
             row.last_error = f"{error.description}: registering the call again"
             outbox.enqueue(session, "register", call_id=call.id, portal=call.portal, now=now)
-            outbox.wait_for_call(session, job, claim, "waiting for register", now)
+            outbox.wait_for_call(session, job, "waiting for register", now)
 
         self._record(claim, apply)
 
@@ -423,22 +683,27 @@ class Deliverer:
     # -- attach -----------------------------------------------------------------------------
 
     def _attach(self, claim: Claim) -> None:
-        job, call = self._load(claim)
+        _, call = self._load(claim)
         assert call is not None
         if call.stage != "finished":
-            self._record(
-                claim, lambda s, j: outbox.wait_for_call(s, j, claim, "waiting for the call to finish", time.time())
-            )
+            self._record(claim, lambda s, j: outbox.wait_for_call(s, j, "waiting for the call to finish", time.time()))
             return
         with self.db.read() as session:
             parts = list(session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id)))
             session.expunge_all()
             params = build_attach(call, parts, self.settings)
             attached = self._attached_ids(session, call)
-        if params is None:
-            self._record(
-                claim, lambda s, j: outbox.complete(s, j, claim, {"skipped": "no completed transcript"}, time.time())
+        if any(part.segments is None for part in current_parts(parts)):
+            # A part's text went with retention: sending the rest would replace the whole
+            # transcript on the card with a partial one. Fails closed; the card keeps what it has.
+            reason = (
+                "a part of this call's transcript was purged after B24SCRIBE_RETENTION_DAYS; "
+                "sending the rest would replace the transcript in Bitrix24 with a partial one"
             )
+            self._record(claim, lambda s, j: outbox.kill(s, j, reason, time.time()))
+            return
+        if params is None:
+            self._record(claim, lambda s, j: outbox.complete(s, j, {"skipped": "no completed transcript"}, time.time()))
             return
         digest = transcript_digest(params)
         if digest in attached:
@@ -519,22 +784,21 @@ class Deliverer:
                 result["possible_duplicate"] = True
             if note:
                 result["note"] = note
-            outbox.complete(session, job, claim, result, now)
+            outbox.complete(session, job, result, now)
 
-        try:
-            self._record(claim, apply)
-        except LeaseLost:
+        def keep_the_fact(session: Session) -> None:
+            # the lease is lost but the transcript landed: keep the fact, or a re-run would attach again
             if transcript_id is not None and not dry_run:
-                with self.db.write() as session:  # keep the fact, or a re-run would attach again
-                    _insert_ledger(session, ledger_values)
-            raise
+                _insert_ledger(session, ledger_values)
+
+        self._record(claim, apply, on_lost=keep_the_fact)
 
     # -- fetch ------------------------------------------------------------------------------
 
     def _fetch(self, claim: Claim) -> None:
-        job, call = self._load(claim)
+        _, call = self._load(claim)
         with self.db.read() as session:
-            part = session.get_one(TranscriptPart, job.transcript_id)
+            part = session.get_one(TranscriptPart, claim.transcript_id)
             # the callback URL's options (?channel=, ?speaker_channels_count=, …) apply to the fetch too
             callback_query = dict(session.get_one(InboundEvent, part.event_id).query or {})
             session.expunge_all()
@@ -578,7 +842,7 @@ class Deliverer:
             else:
                 row.status, row.delivery_state = "failed", "failed"
                 row.failure_reason = result.failure_reason or "the vendor reported no transcript"
-            outbox.complete(session, job, claim, {"status": row.status}, now)
+            outbox.complete(session, job, {"status": row.status}, now)
 
         self._record(claim, apply)
 
@@ -586,9 +850,9 @@ class Deliverer:
         def apply(session: Session, job: Job) -> None:
             now = time.time()
             if retry:
-                outbox.retry_later(session, job, claim, reason, now, schedule=self.settings.retry_schedule)
+                outbox.retry_later(session, job, reason, now, schedule=self.settings.retry_schedule)
             else:
-                outbox.kill(session, job, claim, reason, now)
+                outbox.kill(session, job, reason, now)
             if job.state == "dead" and job.transcript_id:
                 part = session.get_one(TranscriptPart, job.transcript_id)
                 part.failure_reason = reason
@@ -609,13 +873,4 @@ def _insert_ledger(session: Session, values: dict[str, Any]) -> None:
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     session.execute(
         insert(AttachLedger).values(**values).on_conflict_do_nothing(index_elements=["portal", "b24_call_id", "sha256"])
-    )
-
-
-def _revive_orphans(session: Session, call_id: int, now: float) -> None:
-    """Attach jobs given up as orphans come back when their call finally finishes."""
-    session.execute(
-        update(Job)
-        .where(Job.call_id == call_id, Job.kind == "attach", Job.state == "dead", Job.last_error.like("orphan:%"))
-        .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now, last_error=None)
     )

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -41,7 +42,19 @@ class InboundEvent(Base):
     """Every authenticated request a hook received, raw body kept for replay."""
 
     __tablename__ = "inbound_event"
-    __table_args__ = (UniqueConstraint("source", "provider", "dedupe_key", name="uq_inbound_event_dedupe"),)
+    __table_args__ = (
+        UniqueConstraint("source", "provider", "dedupe_key", name="uq_inbound_event_dedupe"),
+        # /metrics counts rejected events and the status page lists them, newest first
+        Index("ix_inbound_event_state", "state", "id"),
+        # retention reads the oldest events not yet purged: a partial index, so the purged ones are not in it
+        Index(
+            "ix_inbound_event_unpurged",
+            "received_at",
+            "id",
+            sqlite_where=text("purged_at IS NULL"),
+            postgresql_where=text("purged_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     source: Mapped[str] = mapped_column(String(8))  # pbx | stt
@@ -51,9 +64,11 @@ class InboundEvent(Base):
     content_type: Mapped[str | None] = mapped_column(String(200))
     query: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # without the token
     body: Mapped[bytes] = mapped_column(LargeBinary)
-    state: Mapped[str] = mapped_column(String(16))  # accepted | rejected
+    state: Mapped[str] = mapped_column(String(16))  # accepted | rejected | replaying | replayed
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     call_id: Mapped[int | None] = mapped_column(ForeignKey("call.id"), index=True)
+    # set when retention emptied the body (and its transcript's text): the row still tells what happened
+    purged_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Call(Base):
@@ -125,6 +140,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_job_due", "state", "next_attempt_at"),
         Index("ix_job_call_kind", "call_id", "kind", "state"),
+        # claims take due retries first (attempts > 0), then fresh jobs by due time
+        Index("ix_job_claim", "state", "attempts", "next_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -139,6 +156,8 @@ class Job(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    # the worker process holding the lease (its heartbeat row): a dead worker's jobs are taken back
+    lease_worker: Mapped[str | None] = mapped_column(String(100))
     # the last attempt's request went out and no answer came back: look before resending
     ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -164,7 +183,8 @@ class AttachLedger(Base):
 
 
 class PortalPacing(Base):
-    """A portal's token bucket and its one-request-in-flight lease, shared by all workers."""
+    """A portal's token bucket and pause, shared by all workers. Its in-flight slots are its leased
+    jobs (at most B24SCRIBE_PORTAL_CONCURRENCY): a slot is freed with its job's lease."""
 
     __tablename__ = "portal_pacing"
 
@@ -173,15 +193,20 @@ class PortalPacing(Base):
     refilled_at: Mapped[float] = mapped_column(Float)
     paused_until: Mapped[float] = mapped_column(Float, default=0.0)
     pause_reason: Mapped[str | None] = mapped_column(String(200))
-    inflight_owner: Mapped[str | None] = mapped_column(String(100))
-    inflight_expires_at: Mapped[float | None] = mapped_column(Float)
 
 
 class WorkerHeartbeat(Base):
-    """Each running worker process, for /readyz."""
+    """Each running worker process, for /readyz and for taking back a dead worker's jobs: a thread of
+    its own beats every B24SCRIBE_WORKER_DEAD_AFTER_SECONDS / 5, whatever its requests wait for."""
 
     __tablename__ = "worker_heartbeat"
 
     worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     seen_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float] = mapped_column(Float)
+
+
+# Read by retention, GET /v1/events/<id> (the jobs an event became) and /metrics (transcripts not
+# delivered); created by migration 0002.
+Index("ix_job_event_id", Job.event_id)
+Index("ix_transcript_delivery_state", TranscriptPart.delivery_state)

@@ -1,8 +1,11 @@
 """The outbox: a job table that is also the work queue, claimed with leases.
 
-Failure policy: fails open towards delivery — a job whose worker stopped renewing its lease is
-returned to the queue (marked ambiguous, since its request may have gone out), so a crash can
-delay a job but never lose it; the ledger keeps the re-run from attaching twice.
+Jobs are claimed in batches, one transaction each (`claim_batch`); a lease names its worker
+process, and the portal slot a job holds is its lease. Failure policy: fails open towards
+delivery — a job whose worker stopped beating (`reclaim_dead_workers`, within seconds) or stopped
+renewing its lease (`reclaim_expired`) is returned to the queue, marked ambiguous since its
+request may have gone out, so a crash can delay a job but never lose it; the ledger and the
+look-up before a resend keep the re-run from attaching twice.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from b24scribe import ratelimit
 from b24scribe.db import affected_rows
-from b24scribe.models import Job, PortalPacing
+from b24scribe.models import Call, Job, WorkerHeartbeat
 from b24scribe.ratelimit import Pace
 from b24scribe.settings import DEFAULT_RETRY_SCHEDULE
 
@@ -68,7 +72,7 @@ def enqueue(
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A leased job: who holds it and until when."""
+    """A leased job: who holds it and until when, and what the claim already read of it."""
 
     job_id: int
     kind: str
@@ -76,35 +80,106 @@ class Claim:
     owner: str
     attempts: int
     ambiguous: bool
+    call_id: int | None = None
+    event_id: int | None = None
+    transcript_id: int | None = None
+    claimed_at: float = 0.0
 
 
-def claim_next(session: Session, owner: str, pace: Pace, is_postgres: bool, now: float | None = None) -> Claim | None:
-    """Lease the next due job whose portal may take a request now, or return None."""
+def _due(now: float) -> tuple[ColumnElement[bool], ...]:
+    # apply jobs are folded in batches by b24scribe.inbox, not claimed one by one
+    return (Job.state == "pending", Job.next_attempt_at <= now, Job.kind != "apply")
+
+
+def claim_batch(
+    session: Session,
+    owner: str,
+    pace: Pace,
+    is_postgres: bool,
+    limit: int,
+    now: float | None = None,
+    worker: str | None = None,
+) -> list[Claim]:
+    """Lease up to `limit` due jobs whose portals may take a request now, in one transaction.
+
+    Due retries come first (a backlog of fresh jobs never starves them), then fresh jobs by due
+    time; portals that are paused, out of tokens or out of slots are left out in SQL. A batch
+    holds at most one job per call, so a job never acts on a call its batch-mate changes.
+    `worker` is the process holding the leases (its heartbeat row); by default `owner`.
+    """
     now = time.time() if now is None else now
-    blocked_portal = exists().where(PortalPacing.portal == Job.portal, ratelimit.portal_blocked(now, pace))
-    query = (
-        select(Job)
-        # apply jobs are folded in batches by b24scribe.inbox, not claimed one by one
-        .where(Job.state == "pending", Job.next_attempt_at <= now, Job.kind != "apply", ~blocked_portal)
-        .order_by(Job.next_attempt_at, Job.id)
-        .limit(20)
+    not_blocked = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.blocked_portals(now, pace)))
+    wanted = limit * 2  # room for jobs of portals that run out of tokens or slots within the batch
+    columns = (Job.id, Job.kind, Job.portal, Job.attempts, Job.ambiguous, Job.call_id, Job.event_id, Job.transcript_id)
+    rows: list[Any] = []
+    for first_time in (False, True):  # due retries, then fresh jobs
+        query = (
+            select(*columns)
+            .where(*_due(now), Job.attempts == 0 if first_time else Job.attempts > 0, not_blocked)
+            .order_by(Job.next_attempt_at, Job.id)
+            .limit(wanted - len(rows))
+        )
+        if is_postgres:  # rows other claimers are taking are skipped, never waited for
+            query = query.with_for_update(skip_locked=True, of=Job)
+        rows += session.execute(query).all()
+        if len(rows) >= wanted:
+            break
+    if not rows:
+        return []
+    portal_budgets = ratelimit.budgets(
+        session, (row.portal for row in rows if row.portal is not None), now, pace, lock=is_postgres
     )
-    if is_postgres:
-        query = query.with_for_update(skip_locked=True, of=Job)
-    tried_portals: set[str] = set()
-    for job in session.scalars(query):
-        if job.portal is not None:
-            if job.portal in tried_portals:
+    chosen: list[Claim] = []
+    calls: set[int] = set()
+    for row in rows:
+        if row.call_id is not None and row.call_id in calls:
+            continue
+        if row.portal is not None:
+            budget = portal_budgets.get(row.portal)
+            if budget is None or not budget.take():
                 continue
-            tried_portals.add(job.portal)
-            if ratelimit.take_token(session, job.portal, owner, now, pace, lock=is_postgres) is not None:
-                continue
-        job.state = "leased"
-        job.lease_owner = owner
-        job.lease_expires_at = now + pace.lease_seconds
-        job.updated_at = now
-        return Claim(job.id, job.kind, job.portal, owner, job.attempts, job.ambiguous)
-    return None
+        if row.call_id is not None:
+            calls.add(row.call_id)
+        chosen.append(
+            Claim(
+                row.id,
+                row.kind,
+                row.portal,
+                owner,
+                row.attempts,
+                row.ambiguous,
+                row.call_id,
+                row.event_id,
+                row.transcript_id,
+                now,
+            )
+        )
+        if len(chosen) >= limit:
+            break
+    if not chosen:
+        return []
+    for budget in portal_budgets.values():
+        ratelimit.spend(budget, now)
+    session.execute(
+        update(Job)
+        .where(Job.id.in_([c.job_id for c in chosen]))
+        .values(
+            state="leased",
+            lease_owner=owner,
+            lease_worker=worker or owner,
+            lease_expires_at=now + pace.lease_seconds,
+            updated_at=now,
+        )
+    )
+    return chosen
+
+
+def claim_next(
+    session: Session, owner: str, pace: Pace, is_postgres: bool, now: float | None = None, worker: str | None = None
+) -> Claim | None:
+    """Lease the next due job whose portal may take a request now, or return None."""
+    claims = claim_batch(session, owner, pace, is_postgres, 1, now, worker)
+    return claims[0] if claims else None
 
 
 def next_due_at(session: Session) -> float | None:
@@ -114,48 +189,70 @@ def next_due_at(session: Session) -> float | None:
 
 def leased_job(session: Session, claim: Claim) -> Job | None:
     """The claimed job, if this worker still holds its lease (locked on PostgreSQL)."""
-    query = select(Job).where(Job.id == claim.job_id, Job.state == "leased", Job.lease_owner == claim.owner)
+    return leased_jobs(session, [claim]).get(claim.job_id)
+
+
+def leased_jobs(session: Session, claims: Sequence[Claim]) -> dict[int, Job]:
+    """The claimed jobs whose leases their claims still hold, by id, in one query (locked on PostgreSQL)."""
+    if not claims:
+        return {}
+    owners = {claim.job_id: claim.owner for claim in claims}
+    query = select(Job).where(Job.id.in_(list(owners)), Job.state == "leased").order_by(Job.id)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
-    return session.scalars(query).one_or_none()
+    return {job.id: job for job in session.scalars(query) if job.lease_owner == owners[job.id]}
+
+
+def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float, now: float | None = None) -> int:
+    """Extend the leases these claims still hold (a statement per owner); how many were renewed.
+
+    A row its owner is recording an outcome for right now is skipped (SKIP LOCKED on PostgreSQL):
+    the heartbeat never waits for, or deadlocks with, the delivery it keeps alive; the next beat
+    renews it if it is still leased."""
+    now = time.time() if now is None else now
+    renewed = 0
+    for owner in sorted({claim.owner for claim in claims}):
+        ours = (
+            select(Job.id)
+            .where(
+                Job.id.in_([c.job_id for c in claims if c.owner == owner]),
+                Job.state == "leased",
+                Job.lease_owner == owner,
+            )
+            .with_for_update(skip_locked=True)
+        )
+        renewed += affected_rows(
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ours))
+                .values(lease_expires_at=now + lease_seconds, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        )
+    return renewed
 
 
 def renew_lease(session: Session, claim: Claim, lease_seconds: float, now: float | None = None) -> bool:
     """Extend our lease; False when it is no longer ours (reclaimed after expiry)."""
-    now = time.time() if now is None else now
-    renewed = affected_rows(
-        session.execute(
-            update(Job)
-            .where(Job.id == claim.job_id, Job.state == "leased", Job.lease_owner == claim.owner)
-            .values(lease_expires_at=now + lease_seconds, updated_at=now)
-        )
-    )
-    if claim.portal is not None:
-        session.execute(
-            update(PortalPacing)
-            .where(PortalPacing.portal == claim.portal, PortalPacing.inflight_owner == claim.owner)
-            .values(inflight_expires_at=now + lease_seconds)
-        )
-    return bool(renewed)
+    return renew_leases(session, [claim], lease_seconds, now) == 1
 
 
-def _release(session: Session, job: Job, claim: Claim) -> None:
+def _release(job: Job) -> None:
+    """End the lease, and with it the portal slot the job held."""
     job.lease_owner = None
+    job.lease_worker = None
     job.lease_expires_at = None
-    if claim.portal is not None:
-        ratelimit.release(session, claim.portal, claim.owner)
 
 
-def complete(session: Session, job: Job, claim: Claim, result: dict[str, object] | None, now: float) -> None:
+def complete(session: Session, job: Job, result: dict[str, object] | None, now: float) -> None:
     """The job is done."""
-    _release(session, job, claim)
+    _release(job)
     job.state, job.result, job.ambiguous, job.last_error, job.updated_at = "done", result, False, None, now
 
 
 def retry_later(
     session: Session,
     job: Job,
-    claim: Claim,
     error: str,
     now: float,
     ambiguous: bool = False,
@@ -163,7 +260,7 @@ def retry_later(
     schedule: Sequence[float] = RETRY_SCHEDULE,
 ) -> None:
     """A transient failure: spend an attempt and back off, or declare the job dead at the end."""
-    _release(session, job, claim)
+    _release(job)
     job.attempts += 1
     job.last_error = error
     job.ambiguous = job.ambiguous or ambiguous
@@ -177,34 +274,121 @@ def retry_later(
         job.next_attempt_at = now + delay
 
 
-def defer(session: Session, job: Job, claim: Claim, until: float, reason: str, now: float) -> None:
+def defer(session: Session, job: Job, until: float, reason: str, now: float) -> None:
     """Put the job back without spending an attempt (throttled, waiting its turn)."""
-    _release(session, job, claim)
+    _release(job)
     job.state, job.next_attempt_at, job.last_error, job.updated_at = "pending", until, reason, now
 
 
-def kill(session: Session, job: Job, claim: Claim | None, error: str, now: float) -> None:
+def kill(session: Session, job: Job, error: str, now: float) -> None:
     """A permanent failure: the job is dead, with the reason, until someone replays it."""
-    if claim is not None:
-        _release(session, job, claim)
+    _release(job)
     job.state, job.last_error, job.updated_at = "dead", error, now
 
 
-def wait_for_call(session: Session, job: Job, claim: Claim, reason: str, now: float) -> None:
+def wait_for_call(session: Session, job: Job, reason: str, now: float) -> None:
     """Park the job until its call reaches the stage it needs (unblocked by `release_waiting`)."""
-    _release(session, job, claim)
+    _release(job)
     job.state, job.last_error, job.updated_at, job.next_attempt_at = "waiting", reason, now, now
 
 
-def release_waiting(session: Session, call_id: int, kind: str, now: float) -> int:
-    """Make a call's waiting jobs of `kind` due now (its call reached the stage they need)."""
-    return affected_rows(
-        session.execute(
-            update(Job)
-            .where(Job.call_id == call_id, Job.kind == kind, Job.state == "waiting")
-            .values(state="pending", next_attempt_at=now, updated_at=now, last_error=None)
+def release_waiting(session: Session, call_id: int, kind: str, now: float) -> None:
+    """Make a call's waiting jobs of `kind` due now (its call reached the stage they need).
+
+    Gathered in the session and done for every call at once by `run_releases` before the
+    transaction commits: one statement per kind for a whole batch of outcomes."""
+    releases: dict[str, set[int]] = session.info.setdefault("release_waiting", {})
+    releases.setdefault(kind, set()).add(call_id)
+
+
+def revive_orphans(session: Session, call_id: int) -> None:
+    """Attach jobs given up as orphans come back when their call finally finishes (gathered too)."""
+    session.info.setdefault("revive_orphans", set()).add(call_id)
+
+
+def run_releases(session: Session, now: float) -> int:
+    """Run what `release_waiting` and `revive_orphans` gathered in this session; how many jobs
+    became due. Plain statements on the session's connection: the rows they change are not the
+    session's objects."""
+    released = 0
+    for kind, call_ids in sorted(session.info.pop("release_waiting", {}).items()):
+        released += affected_rows(
+            session.connection().execute(
+                update(Job)
+                .where(Job.call_id.in_(sorted(call_ids)), Job.kind == kind, Job.state == "waiting")
+                .values(state="pending", next_attempt_at=now, updated_at=now, last_error=None)
+            )
         )
+    if revive := sorted(session.info.pop("revive_orphans", set())):
+        released += affected_rows(
+            session.connection().execute(
+                update(Job)
+                .where(
+                    Job.call_id.in_(revive),
+                    Job.kind == "attach",
+                    Job.state == "dead",
+                    Job.last_error.like("orphan:%"),
+                )
+                .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now, last_error=None)
+            )
+        )
+    return released
+
+
+# The stage a call must have reached for a waiting job of each kind to go ahead.
+READY_STAGES = {"finish": ("registered", "finished"), "attach": ("finished",)}
+
+
+def release_overdue_waiting(
+    session: Session, after: tuple[float, int] | None, limit: int, now: float
+) -> tuple[int, tuple[float, int] | None]:
+    """Housekeeping's safety net for a wake-up that never came: make due the waiting jobs whose call
+    has already reached the stage they need; how many, and where the next round goes on.
+
+    Walks the waiting jobs `limit` at a time in (next_attempt_at, id) order from `after` (the index
+    on state and due time), so a round costs the same however many jobs wait for calls the PBX has
+    not finished yet; the cursor comes back None once the end is reached, and the walk starts over.
+    """
+    query = (
+        select(Job.id, Job.kind, Job.next_attempt_at, Call.stage)
+        .join(Call, Call.id == Job.call_id)
+        .where(Job.state == "waiting")
+        .order_by(Job.next_attempt_at, Job.id)
+        .limit(limit)
     )
+    if after is not None:
+        query = query.where(
+            or_(Job.next_attempt_at > after[0], and_(Job.next_attempt_at == after[0], Job.id > after[1]))
+        )
+    if session.get_bind().dialect.name == "postgresql":  # never waits for (or deadlocks with) a release
+        query = query.with_for_update(skip_locked=True, of=Job)
+    rows = session.execute(query).all()
+    ready = [row.id for row in rows if row.stage in READY_STAGES.get(row.kind, ())]
+    released = 0
+    if ready:
+        released = affected_rows(
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ready), Job.state == "waiting")
+                .values(state="pending", next_attempt_at=now, updated_at=now, last_error=None)
+                .execution_options(synchronize_session=False)
+            )
+        )
+    cursor = (rows[-1].next_attempt_at, rows[-1].id) if len(rows) == limit else None
+    return released, cursor
+
+
+def _taken_back(now: float, reason: str) -> dict[str, object]:
+    return {
+        "state": "pending",
+        "lease_owner": None,
+        "lease_worker": None,
+        "lease_expires_at": None,
+        "ambiguous": True,
+        "next_attempt_at": now,
+        "updated_at": now,
+        "last_error": reason,
+    }
 
 
 def reclaim_expired(session: Session, now: float | None = None) -> int:
@@ -214,17 +398,39 @@ def reclaim_expired(session: Session, now: float | None = None) -> int:
         session.execute(
             update(Job)
             .where(Job.state == "leased", Job.lease_expires_at < now)
-            .values(
-                state="pending",
-                lease_owner=None,
-                lease_expires_at=None,
-                ambiguous=True,
-                next_attempt_at=now,
-                updated_at=now,
-                last_error="the worker handling this job stopped; returned to the queue",
-            )
+            .values(_taken_back(now, "the worker handling this job stopped; returned to the queue"))
         )
     )
+
+
+def reclaim_dead_workers(
+    session: Session, dead_after: float, now: float | None = None, alive: str | None = None
+) -> int:
+    """Take back the jobs (and so the portal slots) of workers not seen for `dead_after` seconds,
+    without waiting out the jobs' own leases; marked ambiguous, since their requests may have gone
+    out. The dead workers' heartbeat rows go too. `alive` (the caller itself) is never dead."""
+    now = time.time() if now is None else now
+    dead = [
+        worker_id
+        for worker_id in session.scalars(
+            select(WorkerHeartbeat.worker_id).where(WorkerHeartbeat.seen_at < now - dead_after)
+        )
+        if worker_id != alive
+    ]
+    if not dead:
+        return 0
+    reason = f"the worker handling this job stopped (no heartbeat for {dead_after:g} s); returned to the queue"
+    theirs = select(Job.id).where(Job.state == "leased", Job.lease_worker.in_(dead)).with_for_update(skip_locked=True)
+    taken = affected_rows(
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(theirs))
+            .values(_taken_back(now, reason))
+            .execution_options(synchronize_session=False)
+        )
+    )
+    session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker_id.in_(dead)))
+    return taken
 
 
 def replay(session: Session, job_id: int, now: float | None = None) -> Job | None:

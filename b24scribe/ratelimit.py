@@ -1,105 +1,171 @@
-"""Per-portal pacing shared by every worker: a token bucket and one request in flight, in the database.
+"""Per-portal pacing shared by every worker: a token bucket and a few requests in flight, in the database.
 
 Bitrix24 counts requests per portal and source IP in a leaky bucket (2/s after a burst of 50; 5/s
 and 250 on Enterprise) and answers 503 QUERY_LIMIT_EXCEEDED beyond it. Our bucket is the mirror
-image with a smaller burst, so we never reach theirs. Failure policy: fails closed — a portal whose
-row is locked or whose bucket is empty is simply not claimed now; nothing is sent to find out.
+image with a smaller burst, so we never reach theirs. A portal's in-flight slots are its leased
+jobs (at most `Pace.concurrency`): a slot is taken with a claim and freed with the lease, however
+the lease ends (done, retried, or taken back from a dead worker). A token is taken at the claim,
+a moment before its request goes out; at most `concurrency` tokens of a portal are held that way,
+so the requests themselves stay within burst + concurrency (45 + 4 < Bitrix24's 50). Failure
+policy: fails closed — a portal whose row another claimer holds, whose bucket is empty or whose
+slots are taken is simply not claimed now; nothing is sent to find out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, func, or_, select, union
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import ColumnElement
 
-from b24scribe.models import PortalPacing
+from b24scribe.models import Job, PortalPacing
 
 THROTTLE_PAUSE_SECONDS = 5.0
-BUSY_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """The pacing all portals get: requests per second after a burst."""
+    """The pacing all portals get: requests per second after a burst, and requests in flight."""
 
     rate_per_second: float
     burst: int
     lease_seconds: float
+    concurrency: int = 4
+
+    def tokens_at(self, tokens: float, refilled_at: float, now: float) -> float:
+        """The bucket's level at `now`, refilled since `refilled_at`, never above the burst."""
+        return min(float(self.burst), tokens + max(0.0, now - refilled_at) * self.rate_per_second)
+
+    @property
+    def stall_seconds(self) -> float:
+        """A request slower than this stalled its portal (two tokens' time, at least a second)."""
+        return max(1.0, 2.0 / self.rate_per_second)
 
 
-def portal_blocked(now: float, pace: Pace) -> ColumnElement[bool]:
-    """SQL condition: this portal cannot take a request now (paused, busy or out of tokens)."""
-    return or_(
-        PortalPacing.paused_until > now,
-        and_(PortalPacing.inflight_owner.is_not(None), PortalPacing.inflight_expires_at > now),
-        PortalPacing.tokens + (now - PortalPacing.refilled_at) * pace.rate_per_second < 1.0,
+def blocked_portals(now: float, pace: Pace) -> Select[tuple[str]]:
+    """The portals that cannot take a request now: paused, out of tokens, or every slot taken.
+
+    One set, computed once per claim (leased jobs are few), so claiming never walks a blocked
+    portal's jobs to find out that each of them must wait.
+    """
+    paced = select(PortalPacing.portal).where(
+        or_(
+            PortalPacing.paused_until > now,
+            PortalPacing.tokens + (now - PortalPacing.refilled_at) * pace.rate_per_second < 1.0,
+        )
     )
+    full = (
+        select(Job.portal)
+        .where(Job.state == "leased", Job.portal.is_not(None))
+        .group_by(Job.portal)
+        .having(func.count() >= pace.concurrency)
+    )
+    return select(union(paced, full).subquery().c[0])
 
 
-def take_token(session: Session, portal: str, owner: str, now: float, pace: Pace, lock: bool) -> float | None:
-    """Take a token and the in-flight slot for `portal`; None if granted, else seconds to wait."""
-    row = _claimable_row(session, portal, now, pace, lock)
-    if row is None:
-        return BUSY_SECONDS  # another worker is claiming for this portal right now
-    if row.paused_until > now:
-        return row.paused_until - now
-    if row.inflight_owner is not None and (row.inflight_expires_at or 0.0) > now:
-        return BUSY_SECONDS
-    tokens = min(float(pace.burst), row.tokens + (now - row.refilled_at) * pace.rate_per_second)
-    if tokens < 1.0:
-        row.tokens, row.refilled_at = tokens, now
-        return (1.0 - tokens) / pace.rate_per_second
-    row.tokens, row.refilled_at = tokens - 1.0, now
-    row.inflight_owner, row.inflight_expires_at = owner, now + pace.lease_seconds
-    return None
+@dataclass(slots=True)
+class Budget:
+    """What one claim may still take from a portal: tokens and free slots (its row is ours)."""
+
+    row: PortalPacing
+    tokens: float
+    slots: int
+    taken: int = 0
+
+    def take(self) -> bool:
+        """Take a token and a slot for one request, if both are there."""
+        if self.tokens < 1.0 or self.slots < 1:
+            return False
+        self.tokens -= 1.0
+        self.slots -= 1
+        self.taken += 1
+        return True
 
 
-def _claimable_row(session: Session, portal: str, now: float, pace: Pace, lock: bool) -> PortalPacing | None:
-    """The portal's row, created full if new; with `lock` (PostgreSQL) locked, or None when another
-    claimer holds it: claimers never wait for each other's rows (no waits, so no deadlocks)."""
-    query = select(PortalPacing).where(PortalPacing.portal == portal)
+def budgets(session: Session, portals: Iterable[str], now: float, pace: Pace, lock: bool) -> dict[str, Budget]:
+    """The budgets of `portals` that can take a request now; rows are created full for new portals.
+
+    With `lock` (PostgreSQL) the rows are locked and a row another claimer holds is skipped:
+    claimers never wait for each other's rows (no waits, so no deadlocks). Slots are counted after
+    the lock, so two claimers never hand out the same portal's last slot.
+    """
+    wanted = sorted(set(portals))
+    if not wanted:
+        return {}
+    query = select(PortalPacing).where(PortalPacing.portal.in_(wanted))
     if lock:
         query = query.with_for_update(skip_locked=True)
-    row = session.scalars(query).one_or_none()
-    if row is not None:
-        return row
-    if lock and session.scalar(select(PortalPacing.portal).where(PortalPacing.portal == portal)) is not None:
-        return None
-    # Two workers may meet a new portal at once: insert-or-nothing, then take whichever row won.
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(
-        insert(PortalPacing)
-        .values(portal=portal, tokens=float(pace.burst), refilled_at=now, paused_until=0.0)
-        .on_conflict_do_nothing(index_elements=["portal"])
+    rows = {row.portal: row for row in session.scalars(query)}
+    missing = [portal for portal in wanted if portal not in rows]
+    if missing and lock:  # locked by another claimer, or really new
+        missing = sorted(
+            set(missing) - set(session.scalars(select(PortalPacing.portal).where(PortalPacing.portal.in_(missing))))
+        )
+    if missing:
+        # Two workers may meet a new portal at once: insert-or-nothing, then take whichever row won.
+        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        session.execute(
+            insert(PortalPacing)
+            .values(
+                [{"portal": p, "tokens": float(pace.burst), "refilled_at": now, "paused_until": 0.0} for p in missing]
+            )
+            .on_conflict_do_nothing(index_elements=["portal"])
+        )
+        again = select(PortalPacing).where(PortalPacing.portal.in_(missing))
+        if lock:
+            again = again.with_for_update(skip_locked=True)
+        rows.update({row.portal: row for row in session.scalars(again)})
+    counted = session.execute(
+        select(Job.portal, func.count()).where(Job.state == "leased", Job.portal.in_(list(rows))).group_by(Job.portal)
     )
-    return session.scalars(query).one_or_none()
+    in_flight: dict[str | None, int] = {portal: count for portal, count in counted}
+    found: dict[str, Budget] = {}
+    for portal, row in rows.items():
+        if row.paused_until > now:
+            continue
+        found[portal] = Budget(
+            row, pace.tokens_at(row.tokens, row.refilled_at, now), pace.concurrency - in_flight.get(portal, 0)
+        )
+    return found
+
+
+def spend(budget: Budget, now: float) -> None:
+    """Write what a claim took back to the portal's row (in the claim's transaction)."""
+    if budget.taken:
+        budget.row.tokens, budget.row.refilled_at = budget.tokens, now
 
 
 def take_followup_token(session: Session, portal: str, now: float, pace: Pace) -> float | None:
-    """A token for a further request of the job holding `portal`'s in-flight slot (the look-up
-    before a resend); None if granted, else seconds to wait. Only the holder spends tokens, so
-    the wait is at most one token's refill."""
+    """A token for a further request of a job holding one of `portal`'s slots (the look-up before a
+    resend); None if granted, else seconds to wait. The holder keeps its slot meanwhile."""
     query = select(PortalPacing).where(PortalPacing.portal == portal)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
     row = session.scalars(query).one_or_none()
     if row is None:
         return None
-    tokens = min(float(pace.burst), row.tokens + (now - row.refilled_at) * pace.rate_per_second)
+    tokens = pace.tokens_at(row.tokens, row.refilled_at, now)
     if tokens < 1.0:
         return (1.0 - tokens) / pace.rate_per_second
     row.tokens, row.refilled_at = tokens - 1.0, now
     return None
 
 
-def release(session: Session, portal: str, owner: str) -> None:
-    """Give back the in-flight slot after the request finished (whatever its outcome)."""
-    row = session.get(PortalPacing, portal)
-    if row is not None and row.inflight_owner == owner:
-        row.inflight_owner, row.inflight_expires_at = None, None
+def settle(session: Session, stalled: Iterable[str], now: float, pace: Pace) -> None:
+    """After requests that stalled (answered after `Pace.stall_seconds`): their portals keep at
+    most `concurrency` tokens, so what the bucket gathered while their requests were stuck is
+    spread at the rate, not sent as one burst when they come back."""
+    portals = sorted(set(stalled))
+    if not portals:
+        return
+    query = select(PortalPacing).where(PortalPacing.portal.in_(portals))
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    for row in session.scalars(query):
+        row.tokens = min(pace.tokens_at(row.tokens, row.refilled_at, now), float(pace.concurrency))
+        row.refilled_at = now
 
 
 def pause(session: Session, portal: str, until: float, reason: str, now: float) -> None:

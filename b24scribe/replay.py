@@ -156,7 +156,9 @@ def _retranslate(db: Database, settings: Settings, event_id: int, raw: RawEvent)
         part = session.scalars(select(TranscriptPart).where(TranscriptPart.event_id == event_id)).first()
         if part is None or part.call_id is None:
             return Replayed(event_id, "skipped", "no transcript was stored for this event")
-        call = session.get_one(Call, part.call_id)
+        # the same lock the fold and the worker's releases take, so a finish cannot slip between
+        # reading the call's stage here and queueing the attach (a job left waiting for ever)
+        call = session.get_one(Call, part.call_id, with_for_update=not db.is_sqlite)
         part.vendor_job_id = result.vendor_job_id
         part.channel_slot = parsed.options.channel_slot
         part.side_overrides = dict(parsed.options.side_overrides)

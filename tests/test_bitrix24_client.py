@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -119,3 +122,42 @@ def test_a_refused_connection_is_transient_and_not_ambiguous() -> None:
     with pytest.raises(TransientError) as raised:
         register(client)
     assert not isinstance(raised.value, AmbiguousError)
+
+
+class _Recording(BaseHTTPRequestHandler):
+    """Answers every POST with a result, and notes the connection and body it came on."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[int, str | None, bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.client_address[1], self.headers["Content-Type"], body))
+        answer = json.dumps({"result": True, "time": {}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+
+def test_requests_reuse_the_portals_keep_alive_connection_and_send_plain_json() -> None:
+    """One connection carries one request after another (no connect per request), and the body is
+    the JSON `requests` would send, non-ASCII escaped, with its content type."""
+    _Recording.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = Bitrix24Client(f"http://127.0.0.1:{server.server_port}/rest/1/abc", timeout=2.0, pool_size=2)
+        for index in range(10):
+            assert client.call("telephony.externalCall.finish", {"CALL_ID": f"c{index}", "NOTE": "Grüße"}).result
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len({port for port, _, _ in _Recording.seen}) == 1
+    assert {content_type for _, content_type, _ in _Recording.seen} == {"application/json"}
+    assert _Recording.seen[0][2] == json.dumps({"CALL_ID": "c0", "NOTE": "Grüße"}).encode()

@@ -5,6 +5,7 @@ Every test runs on SQLite and, when reachable, PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ def finish(db: Database, taken: Claim, now: float | None = None) -> None:
     with db.write() as session:
         job = outbox.leased_job(session, taken)
         assert job is not None, "the lease should still be ours"
-        outbox.complete(session, job, taken, {"ok": True}, time.time() if now is None else now)
+        outbox.complete(session, job, {"ok": True}, time.time() if now is None else now)
 
 
 def job_row(db: Database, job_id: int) -> Job:
@@ -122,18 +123,21 @@ def test_concurrent_claimers_never_take_the_same_job(db: Database) -> None:
         assert all(owners[job_id] == f"worker-{index}" for job_id in batch)
 
 
-def test_concurrent_workers_take_each_paced_job_once_and_never_two_of_one_portal_at_a_time(db: Database) -> None:
+def test_concurrent_workers_take_each_paced_job_once_and_never_more_than_the_slots_of_one_portal(
+    db: Database,
+) -> None:
     # A fresh portal's pacing row is created by whichever claimer gets there first: concurrently.
     ids = add_jobs(db, 120, lambda i: f"portal-{i % 12}")
+    pace = Pace(1000.0, 1000, lease_seconds=30.0, concurrency=2)
     claimed: list[int] = []
-    in_flight: set[str] = set()
-    overlaps: list[str] = []
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
     guard = threading.Lock()
 
     def worker(index: int) -> None:
         deadline = time.monotonic() + 45
         while time.monotonic() < deadline:
-            taken = claim(db, f"worker-{index}")
+            taken = claim(db, f"worker-{index}", pace)
             if taken is None:
                 with db.read() as session:
                     if outbox.counts_by_state(session).get("pending", 0) == 0:
@@ -143,21 +147,19 @@ def test_concurrent_workers_take_each_paced_job_once_and_never_two_of_one_portal
             assert taken.portal is not None
             with guard:
                 claimed.append(taken.job_id)
-                if taken.portal in in_flight:
-                    overlaps.append(taken.portal)
-                in_flight.add(taken.portal)
+                in_flight[taken.portal] = in_flight.get(taken.portal, 0) + 1
+                most[taken.portal] = max(most.get(taken.portal, 0), in_flight[taken.portal])
             time.sleep(0.002)  # "the request"
-            with guard:  # before the release commits: nobody else can hold the portal yet
-                in_flight.discard(taken.portal)
+            with guard:  # before the release commits: nobody else can take the slot yet
+                in_flight[taken.portal] -= 1
             finish(db, taken)
 
     run_threads(8, worker)
 
-    assert overlaps == []
+    assert max(most.values()) <= 2, most
     assert sorted(claimed) == sorted(ids)
     with db.read() as session:
         assert outbox.counts_by_state(session) == {"done": 120}
-        assert session.scalars(select(PortalPacing.portal).where(PortalPacing.inflight_owner.is_not(None))).all() == []
 
 
 def test_postgresql_claims_skip_rows_another_claimer_has_locked_without_waiting(db: Database) -> None:
@@ -179,18 +181,16 @@ def test_postgresql_claimers_never_wait_for_each_others_portal_rows(db: Database
     if db.is_sqlite:
         pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): there is no row lock to wait for")
     now = time.time()
-    for portal in ("p", "q"):  # both rows exist
-        with db.write() as session:
-            assert ratelimit.take_token(session, portal, "setup", now, FAST, lock=True) is None
-            ratelimit.release(session, portal, "setup")
-    outcome: dict[str, float | None] = {}
+    with db.write() as session:  # both rows exist
+        assert set(ratelimit.budgets(session, ["p", "q"], now, FAST, lock=True)) == {"p", "q"}
+    outcome: dict[str, object] = {}
 
     def take(name: str, session_holds: str, wants: str, ready: threading.Barrier) -> None:
         with db.write() as session:
-            assert ratelimit.take_token(session, session_holds, name, now, FAST, lock=True) is None
+            assert session_holds in ratelimit.budgets(session, [session_holds], now, FAST, lock=True)
             ready.wait(timeout=5)
             started = time.monotonic()
-            outcome[name] = ratelimit.take_token(session, wants, name, now, FAST, lock=True)
+            outcome[name] = ratelimit.budgets(session, [wants], now, FAST, lock=True)
             outcome[name + " waited"] = time.monotonic() - started
 
     ready = threading.Barrier(2)
@@ -202,8 +202,8 @@ def test_postgresql_claimers_never_wait_for_each_others_portal_rows(db: Database
         thread.start()
     for thread in threads:
         thread.join(timeout=20)
-    assert outcome.get("a") is not None and outcome.get("b") is not None, outcome  # both skipped
-    assert max(outcome["a waited"] or 0.0, outcome["b waited"] or 0.0) < 0.5, outcome
+    assert outcome.get("a") == {} and outcome.get("b") == {}, outcome  # both skipped
+    assert max(float(outcome["a waited"]), float(outcome["b waited"])) < 0.5, outcome  # type: ignore[arg-type]
 
 
 def test_a_delayed_job_is_not_claimed_early(db: Database) -> None:
@@ -251,12 +251,10 @@ def test_a_foreign_lease_is_not_renewed(db: Database) -> None:
     with db.write() as session:
         assert outbox.renew_lease(session, foreign, 30.0, now=now + 20) is False
     assert job_row(db, job_id).lease_expires_at == expires
-    assert pacing_row(db, "p").inflight_owner == "mine"
 
     with db.write() as session:
         assert outbox.renew_lease(session, mine, 30.0, now=now + 20) is True
     assert job_row(db, job_id).lease_expires_at == pytest.approx(now + 50)
-    assert pacing_row(db, "p").inflight_expires_at == pytest.approx(now + 50)
 
 
 # --- attempts --------------------------------------------------------------------------------
@@ -270,12 +268,11 @@ def test_retry_increments_attempts_and_releases_the_lease_and_the_portal(db: Dat
     with db.write() as session:
         job = outbox.leased_job(session, taken)
         assert job is not None
-        outbox.retry_later(session, job, taken, "HTTP 500", now, schedule=(10.0, 20.0))
+        outbox.retry_later(session, job, "HTTP 500", now, schedule=(10.0, 20.0))
 
     job = job_row(db, job_id)
     assert (job.state, job.attempts, job.lease_owner, job.last_error) == ("pending", 1, None, "HTTP 500")
     assert 8.0 <= job.next_attempt_at - now <= 12.0  # 10 s ± 20 % jitter
-    assert pacing_row(db, "p").inflight_owner is None
     assert claim(db, "w", now=now + 1) is None
     assert claim(db, "w", now=now + 12.01) is not None
 
@@ -288,11 +285,10 @@ def test_defer_does_not_spend_an_attempt(db: Database) -> None:
     with db.write() as session:
         job = outbox.leased_job(session, taken)
         assert job is not None
-        outbox.defer(session, job, taken, now + 3, "QUERY_LIMIT_EXCEEDED", now)
+        outbox.defer(session, job, now + 3, "QUERY_LIMIT_EXCEEDED", now)
 
     job = job_row(db, job_id)
     assert (job.state, job.attempts, job.next_attempt_at) == ("pending", 0, now + 3)
-    assert pacing_row(db, "p").inflight_owner is None
 
 
 def test_a_job_is_dead_after_the_last_scheduled_retry_and_replay_brings_it_back(db: Database) -> None:
@@ -306,7 +302,7 @@ def test_a_job_is_dead_after_the_last_scheduled_retry_and_replay_brings_it_back(
         with db.write() as session:
             job = outbox.leased_job(session, taken)
             assert job is not None
-            outbox.retry_later(session, job, taken, "HTTP 502", now, schedule=schedule)
+            outbox.retry_later(session, job, "HTTP 502", now, schedule=schedule)
             delays.append(job.next_attempt_at - now)
         now += 5.0
     job = job_row(db, job_id)
@@ -345,7 +341,7 @@ def test_the_bucket_never_allows_more_than_burst_plus_rate_times_t(db: Database)
                 granted.append(now)
                 job = outbox.leased_job(session, taken)
                 assert job is not None
-                outbox.complete(session, job, taken, None, now)
+                outbox.complete(session, job, None, now)
 
     assert len(granted) == 5 + 2 * 10  # the burst, then 2/s for 10 s
     for first in range(len(granted)):
@@ -354,24 +350,64 @@ def test_the_bucket_never_allows_more_than_burst_plus_rate_times_t(db: Database)
             assert last - first + 1 <= pace.burst + pace.rate_per_second * window + 1e-6
 
 
-def test_one_request_in_flight_per_portal_and_a_dead_holder_frees_it_after_its_lease(db: Database) -> None:
+def test_a_portal_has_its_slots_in_flight_and_a_dead_holder_frees_its_slot_after_its_lease(db: Database) -> None:
     now = time.time()
-    add_jobs(db, 3, lambda i: "p", now=now)
+    add_jobs(db, 4, lambda i: "p", now=now)
     (other,) = add_jobs(db, 1, lambda i: "q", now=now)
-    pace = Pace(1000.0, 1000, lease_seconds=5.0)
+    pace = Pace(1000.0, 1000, lease_seconds=5.0, concurrency=2)
 
     first = claim(db, "a", pace, now=now)
-    assert first is not None and first.portal == "p"
-    second = claim(db, "b", pace, now=now)
-    assert second is not None and second.job_id == other, "another portal is not held up"
-    assert claim(db, "b", pace, now=now) is None, "p has a request in flight"
+    second = claim(db, "a", pace, now=now)
+    assert first is not None and second is not None and {first.portal, second.portal} == {"p"}
+    third = claim(db, "b", pace, now=now)
+    assert third is not None and third.job_id == other, "another portal is not held up"
+    assert claim(db, "b", pace, now=now) is None, "both of p's slots are taken"
 
     finish(db, first, now)
-    third = claim(db, "b", pace, now=now)
-    assert third is not None and third.portal == "p"
-    # Its holder dies: the slot comes free when the lease would have expired (fails open).
+    fourth = claim(db, "b", pace, now=now)
+    assert fourth is not None and fourth.portal == "p", "a finished request frees its slot"
+    assert claim(db, "c", pace, now=now) is None
+    # A holder dies: its slot comes back with its lease (here: expired; see the heartbeat tests).
+    with db.write() as session:
+        assert outbox.reclaim_expired(session, now=now + 4.9) == 0
     assert claim(db, "c", pace, now=now + 4.9) is None
+    with db.write() as session:
+        assert outbox.reclaim_expired(session, now=now + 5.1) == 3
     assert claim(db, "c", pace, now=now + 5.1) is not None
+
+
+def test_a_batch_claim_takes_what_each_portals_tokens_and_slots_allow_and_one_job_per_call(db: Database) -> None:
+    now = time.time()
+    pace = Pace(rate_per_second=1.0, burst=3, lease_seconds=30.0, concurrency=2)
+    add_jobs(db, 5, lambda i: "few-tokens", now=now)
+    add_jobs(db, 5, lambda i: None, now=now)
+    with db.write() as session:  # few-tokens has one token left; a fresh portal has the burst
+        ratelimit.budgets(session, ["few-tokens"], now, pace, lock=not db.is_sqlite)
+        session.execute(update(PortalPacing).values(tokens=1.0, refilled_at=now))
+    add_jobs(db, 5, lambda i: "fresh", now=now)
+
+    with db.write() as session:
+        claims = outbox.claim_batch(session, "w", pace, not db.is_sqlite, limit=20, now=now)
+    by_portal: dict[str | None, int] = {}
+    for taken in claims:
+        by_portal[taken.portal] = by_portal.get(taken.portal, 0) + 1
+    assert by_portal == {"few-tokens": 1, "fresh": 2, None: 5}, "tokens, then slots, bound each portal"
+    assert pacing_row(db, "few-tokens").tokens == pytest.approx(0.0)
+    assert pacing_row(db, "fresh").tokens == pytest.approx(1.0)
+    with db.read() as session:
+        assert outbox.counts_by_state(session) == {"leased": 8, "pending": 7}
+
+
+def test_a_due_retry_is_claimed_before_a_backlog_of_fresh_jobs(db: Database) -> None:
+    now = time.time()
+    add_jobs(db, 300, lambda i: None, now=now - 60)  # a backlog, due for a minute
+    with db.write() as session:
+        retry = outbox.enqueue(session, "fetch", now=now - 120)
+        retry.attempts, retry.next_attempt_at = 1, now  # failed earlier, due only now
+    with db.write() as session:
+        claims = outbox.claim_batch(session, "w", FAST, not db.is_sqlite, limit=8, now=now)
+    assert claims[0].job_id == retry.id and claims[0].attempts == 1
+    assert len(claims) == 8
 
 
 def test_a_paused_portal_is_not_claimed_until_the_pause_ends(db: Database) -> None:
@@ -379,7 +415,6 @@ def test_a_paused_portal_is_not_claimed_until_the_pause_ends(db: Database) -> No
     add_jobs(db, 1, lambda i: "p", now=now)
     claim(db, "w", now=now)  # creates the pacing row
     with db.write() as session:
-        session.execute(update(PortalPacing).values(inflight_owner=None))
         session.execute(update(Job).values(state="pending", lease_owner=None))
         ratelimit.pause(session, "p", now + 5, "QUERY_LIMIT_EXCEEDED", now)
     assert claim(db, "w", now=now + 4.9) is None
@@ -631,6 +666,15 @@ def test_every_request_of_a_job_takes_a_token(
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
     fake_bitrix24.inject_slow(ATTACH, seconds=1.0)
+    claimed: list[float] = []  # when each claim took its token
+    claim_batch = worker.claim_batch
+
+    def timed_claim(limit: int = 32) -> list[Claim]:
+        claims = claim_batch(limit)
+        claimed.extend(c.claimed_at for c in claims)
+        return claims
+
+    worker.claim_batch = timed_claim  # type: ignore[method-assign]
     worker.drain()
     time.sleep(0.6)
     worker.drain()
@@ -638,8 +682,11 @@ def test_every_request_of_a_job_takes_a_token(
     assert attach_job(app, call_id)["state"] == "done"
     sent = [(r.method, r.timestamp) for r in fake_bitrix24.requests if r.portal == "first"][-3:]
     assert [method for method, _ in sent] == [ATTACH.lower(), "voximplant.statistic.get", ATTACH.lower()]
-    for (_, earlier), (_, later) in zip(sent, sent[1:], strict=False):
-        assert later - earlier >= 0.45, "2 requests/s with a burst of 1: half a second apart"
+    # 2 requests/s with a burst of 1: the retry's claim paid for the look-up, and the resend waited
+    # half a second for a token of its own. (A token is taken at the claim, a moment before its
+    # request: at most B24SCRIBE_PORTAL_CONCURRENCY tokens of a portal are ever held that way.)
+    assert len(claimed) == 2 and claimed[1] - claimed[0] >= 0.45
+    assert sent[1][1] >= claimed[1] and sent[2][1] - claimed[1] >= 0.45
     app.extensions["b24scribe.db"].dispose()
 
 
@@ -653,10 +700,12 @@ def test_a_worker_whose_job_was_reclaimed_while_it_stalled_does_not_send(
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
     inbox.apply_pending(db, worker.settings)  # fold the stored event: its attach job is queued
-    stalled = worker.claim()
-    assert stalled is not None
-    later = time.time() + worker.settings.lease_seconds + 1
-    with db.write() as session:  # the stalled worker's lease expires; another worker sweeps and claims
+    claimed = worker.claim()
+    assert claimed is not None
+    # the worker stalls for longer than the lease (its claim is that old when it wakes up) ...
+    stalled = dataclasses.replace(claimed, claimed_at=claimed.claimed_at - worker.settings.lease_seconds - 1)
+    later = claimed.claimed_at + worker.settings.lease_seconds + 1
+    with db.write() as session:  # ... meanwhile its lease expired: another worker sweeps and claims
         assert outbox.reclaim_expired(session, now=later) == 1
         new_owner = outbox.claim_next(session, "new-owner", worker.pace, not db.is_sqlite, now=later)
     assert new_owner is not None and new_owner.job_id == stalled.job_id
@@ -666,3 +715,27 @@ def test_a_worker_whose_job_was_reclaimed_while_it_stalled_does_not_send(
     assert fake_bitrix24.calls_to(ATTACH) == []
     job = raw_job(app, stalled.job_id)
     assert (job.state, job.lease_owner) == ("leased", "new-owner")
+
+
+def test_a_fresh_claim_of_a_worker_taken_for_dead_is_not_sent(
+    service: tuple[Flask, Worker], portals: dict[str, str], fake_bitrix24: FakeBitrix24
+) -> None:
+    """A fresh claim is sent without reading its lease again only while its worker's heartbeat is
+    recent: a worker whose beats stopped (and whose jobs another worker took back) asks the
+    database, and does not send."""
+    app, worker = service
+    db: Database = app.extensions["b24scribe.db"]
+    call_id = finished_call(portals["first"])
+    post_transcript(app.test_client(), call_id, "first")
+    inbox.apply_pending(db, worker.settings)
+    claimed = worker.claim()
+    assert claimed is not None
+    dead_after = worker.settings.worker_dead_after_seconds
+    worker.beat(now=time.time() - dead_after - 1)  # its last beat is older than the dead-after time
+    with db.write() as session:  # a live worker takes its jobs back
+        assert outbox.reclaim_dead_workers(session, dead_after, alive="another") == 1
+
+    worker.deliverer.run(claimed)
+
+    assert fake_bitrix24.calls_to(ATTACH) == []
+    assert raw_job(app, claimed.job_id).state == "pending"
