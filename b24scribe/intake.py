@@ -9,7 +9,7 @@ database.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 from marshmallow import ValidationError
@@ -79,6 +79,15 @@ def call_reference(query: Mapping[str, str], payload_reference: CallReference) -
         pbx_call_id=url.pbx_call_id or payload_reference.pbx_call_id,
         b24_call_id=url.b24_call_id or payload_reference.b24_call_id,
     )
+    if merged.pbx is not None:
+        if merged.pbx not in PBX_PARSERS:
+            # accepted, its transcript would wait for a call no hook can ever report
+            raise ValidationError(
+                {"pbx": [f"must be one of: {', '.join(PBX_PARSERS)} (the PBX hook that reports the call)"]}
+            )
+        if PBX_PARSERS[merged.pbx] == "form" and merged.pbx_call_id is not None:
+            # a form PBX's hook strips its values, so its call " x " is "x": name it the same way
+            merged = replace(merged, pbx_call_id=merged.pbx_call_id.strip() or None)
     if merged.b24_call_id is None:
         if merged.pbx_call_id is None:
             raise ValidationError(

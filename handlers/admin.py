@@ -25,6 +25,7 @@ from b24scribe.replay import field_summary
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
 from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, EventSchema, JobListSchema, JobSchema
+from schemas.limits import MAX_B24_CALL_ID_LENGTH, MAX_PBX_LENGTH, id_problem
 
 bp = Blueprint(
     "admin",
@@ -36,6 +37,7 @@ JOB_STATES = ("waiting", "pending", "leased", "done", "dead")
 # The largest id a row can have (a signed 64-bit integer on SQLite and PostgreSQL): a path id above it
 # is a 404 like any other id no row has, not an overflow in the database driver.
 MAX_ROW_ID = 2**63 - 1
+MAX_JOBS_LISTED = 1000
 _UNDISPLAYABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
@@ -105,6 +107,8 @@ def require_admin_token() -> None:
 @documented(200, CallSchema, (404, "no call with this CALL_ID has reached the service"))
 def call_by_b24(b24_call_id: str) -> Response:
     """A call by its Bitrix24 CALL_ID."""
+    if id_problem(b24_call_id, MAX_B24_CALL_ID_LENGTH) is not None:  # no row can have it (SPEC 12)
+        raise ApiError(404, "unknown_call", "no call with this Bitrix24 CALL_ID has reached the service")
     with _db().read() as session:
         call = find_by_b24(session, b24_call_id)
         if call is None:
@@ -116,8 +120,9 @@ def call_by_b24(b24_call_id: str) -> Response:
 @documented(200, CallSchema, (404, "no such call from this PBX"))
 def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
     """A call by the PBX's own id."""
+    storable = id_problem(pbx, MAX_PBX_LENGTH) is None and id_problem(pbx_call_id) is None
     with _db().read() as session:
-        call = find_by_pbx(session, pbx, pbx_call_id)
+        call = find_by_pbx(session, pbx, pbx_call_id) if storable else None  # else no row can have it
         if call is None:
             raise ApiError(
                 404, "unknown_call", displayable(f"no call {pbx_call_id!r} from PBX {pbx!r} has reached the service")
@@ -126,7 +131,7 @@ def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
 
 
 @bp.get("/jobs")
-@documented(200, JobListSchema, (422, "unknown state or a limit that is not a number"))
+@documented(200, JobListSchema, (422, "unknown state, or a limit that is not a whole number from 1 to 1000"))
 @bp.doc(
     parameters=[
         {
@@ -138,7 +143,7 @@ def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
         {
             "name": "limit",
             "in": "query",
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOBS_LISTED, "default": 100},
             "description": "at most this many jobs, newest first",
         },
     ]
@@ -151,9 +156,16 @@ def list_jobs() -> Response:
             422, "invalid_query", "unknown job state", {"state": [f"must be one of: {', '.join(JOB_STATES)}"]}
         )
     try:
-        limit = min(1000, max(1, int(request.args.get("limit", "100"))))
+        limit = int(request.args.get("limit", "100"))
     except ValueError:
-        raise ApiError(422, "invalid_query", "limit must be a number", {"limit": ["must be a whole number"]}) from None
+        limit = 0
+    if not 1 <= limit <= MAX_JOBS_LISTED:
+        raise ApiError(
+            422,
+            "invalid_query",
+            "limit is out of range",
+            {"limit": [f"must be a whole number from 1 to {MAX_JOBS_LISTED}"]},
+        )
     with _db().read() as session:
         query = select(Job).order_by(Job.id.desc()).limit(limit)
         if state is not None:

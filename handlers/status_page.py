@@ -189,7 +189,9 @@ def require_admin() -> BaseResponse | None:
         if request.method == "GET":
             return redirect(url_for("status.login"))
         return _page("status_login.html", 401, error="Sign in first.")
-    if request.method == "POST" and not hmac.compare_digest(request.form.get("csrf_token", ""), csrf_token()):
+    # bytes: compare_digest refuses str with non-ASCII characters (a hostile form field was a 500)
+    given = request.form.get("csrf_token", "").encode("utf-8", "surrogatepass")
+    if request.method == "POST" and not hmac.compare_digest(given, csrf_token().encode()):
         return _page("status_message.html", 403, message="The form expired: reload the page and try again.")
     return None
 

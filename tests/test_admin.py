@@ -211,3 +211,23 @@ def test_any_stored_content_is_answered_as_json_every_parser_reads(client: Flask
     shown = json.loads(text)
     assert shown["query"]["call"].startswith(("lone \ufffd surrogate \ufffd", "escape \ufffd"))
     assert shown["body_bytes"] == 5
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/calls/generic/%00x", "/v1/calls/%00x/~", "/v1/calls/generic/" + "7" * 129, "/v1/calls/by-b24/x%01y"],
+)
+def test_a_call_id_no_row_can_have_is_a_404_on_every_backend(client: FlaskClient, path: str) -> None:
+    response = client.get(path, headers=admin())  # NUL reached PostgreSQL as a 503 before
+
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "unknown_call"
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", str(2**64), "many"])
+def test_a_job_list_limit_outside_1_to_1000_is_a_422_naming_it(client: FlaskClient, limit: str) -> None:
+    response = client.get(f"/v1/jobs?limit={limit}", headers=admin())
+
+    assert response.status_code == 422
+    assert "1 to 1000" in response.get_json()["error"]["fields"]["limit"][0]
+    assert client.get("/v1/jobs?limit=1000", headers=admin()).status_code == 200

@@ -356,6 +356,7 @@ def database(app: Flask) -> Database:
 
 
 GENERIC_STT = "/hooks/stt/generic?pbx=generic&call=1700000000.123"
+TRANSCRIPT = {"segments": [{"start": 0, "end": 1, "text": "Hello", "side": "User"}]}
 
 
 def test_invalid_utf8_inside_a_generic_transcript_string_is_a_422_kept_for_replay(
@@ -650,3 +651,38 @@ def test_every_source_name_fits_the_columns_it_is_stored_in() -> None:
         assert len(name) <= _column_length(InboundEvent.__table__.c.provider)
     for name in PBX_PARSERS:
         assert len(name) <= _column_length(Call.__table__.c.pbx)
+
+
+@pytest.mark.parametrize("pbx", ["no-such-pbx", "a b", "../x", "777777777"])
+def test_a_transcript_naming_a_pbx_no_hook_serves_is_a_422_naming_pbx(
+    client: FlaskClient, database: Database, pbx: str
+) -> None:
+    response = client.post(
+        f"/hooks/stt/generic?{urlencode({'pbx': pbx, 'call': 'x1'})}", json=TRANSCRIPT, headers=auth()
+    )
+
+    # accepted, it would wait for ever for a call no hook can report
+    assert response.status_code == 422
+    assert "asterisk" in response.get_json()["error"]["fields"]["pbx"][0]
+
+
+def test_a_transcript_for_an_asterisk_call_id_with_spaces_meets_the_stripped_call(
+    client: FlaskClient, worker: Worker, fake_bitrix24: FakeBitrix24
+) -> None:
+    finished = {
+        "event": "call.finished",
+        "call_id": " 1700000000.9 ",
+        "direction": "inbound",
+        "from": "+15551234567",
+        "extension": "101",
+        "started_at": "1700000000",
+        "duration": "30",
+        "status": "ANSWER",
+    }
+    assert client.post("/hooks/pbx/asterisk", data=finished, headers=auth()).status_code == 202
+    transcript = client.post("/hooks/stt/generic?pbx=asterisk&call=+1700000000.9+", json=TRANSCRIPT, headers=auth())
+    assert transcript.status_code == 202
+    worker.drain()
+
+    # the Asterisk hook strips its values: the transcript names the same call and is attached to it
+    assert len(fake_bitrix24.calls_to("telephony.call.attachTranscription")) == 1
