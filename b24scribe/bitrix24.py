@@ -1,4 +1,4 @@
-"""A thin Bitrix24 REST client of our own over `requests` (research/bitrix24.md section 8).
+"""A thin Bitrix24 REST client of our own over `requests` (and urllib3 pools for the worker).
 
 It sends one request and classifies the answer; retry policy belongs to the outbox.
 """

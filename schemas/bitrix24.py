@@ -304,7 +304,7 @@ def _check_message_text(text: str) -> None:
 
 
 class MessageSchema(Schema):
-    """One item of `MESSAGES` in `telephony.call.attachTranscription` (research/bitrix24.md 4)."""
+    """One item of `MESSAGES` in `telephony.call.attachTranscription`."""
 
     SIDE = fields.String(
         required=True,

@@ -1,6 +1,6 @@
 """A fake Bitrix24 REST server for the test suite and benchmarks.
 
-It follows the behavioural spec of research/bitrix24.md section 9 for incoming webhooks: the
+It follows how Bitrix24 behaves towards incoming webhooks, as documented and observed: the
 transport, the telephony methods with Bitrix24's own validation order and error strings, the
 per-portal leaky bucket, and fault injection. Use the ``fake_bitrix24`` pytest fixture,
 ``with FakeBitrix24() as fake:``, or run it out of process::
@@ -50,7 +50,7 @@ APP_ONLY_METHODS = frozenset({"telephony.externalcall.register", "telephony.exte
 
 USER_NOT_SET = "USER_ID or USER_PHONE_INNER should be set"
 USER_INACTIVE = "User is not found or is not active"
-# The real string has no closing parenthesis (research/bitrix24.md section 2).
+# The real string has no closing parenthesis (as Bitrix24 sends it).
 CALL_NOT_REGISTERED = "Call is not found (call should be registered prior to finishing"
 
 FINISH_RESULT_KEYS = (

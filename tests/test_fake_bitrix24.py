@@ -1,4 +1,4 @@
-"""The fake Bitrix24 behaves like research/bitrix24.md section 9 says, over real HTTP."""
+"""The fake Bitrix24 behaves like the real one towards incoming webhooks, over real HTTP."""
 
 from __future__ import annotations
 
