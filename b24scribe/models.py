@@ -142,6 +142,8 @@ class Job(Base):
         Index("ix_job_call_kind", "call_id", "kind", "state"),
         # claims take due retries first (attempts > 0), then fresh jobs by due time
         Index("ix_job_claim", "state", "attempts", "next_attempt_at"),
+        # the fold takes the oldest due apply jobs: without it, it walks every pending delivery
+        Index("ix_job_apply_due", "kind", "state", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -91,6 +91,14 @@ def _due(now: float) -> tuple[ColumnElement[bool], ...]:
     return (Job.state == "pending", Job.next_attempt_at <= now, Job.kind != "apply")
 
 
+def any_claimable(session: Session, pace: Pace, now: float | None = None) -> bool:
+    """Whether any due job's portal may take a request now: a read, so an idle or throttled worker
+    on SQLite does not take the write lock (which the hooks wait for) just to find nothing."""
+    now = time.time() if now is None else now
+    not_blocked = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.blocked_portals(now, pace)))
+    return session.scalar(select(Job.id).where(*_due(now), not_blocked).limit(1)) is not None
+
+
 def claim_batch(
     session: Session,
     owner: str,

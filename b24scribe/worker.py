@@ -44,6 +44,11 @@ IDLE_SLEEP_SECONDS = 0.05
 CLAIM_BATCH = 32  # jobs claimed per transaction by one loop
 WAKE_UP_SWEEP = 500  # waiting jobs housekeeping looks at per round (see outbox.release_overdue_waiting)
 FOLD_SECONDS = 0.2  # a fold pass's time budget, between two delivery batches
+# After a turn that only folded a handful of events, wait this long so the next fold takes a batch
+# instead of a trickle: on SQLite every fold is a write transaction (an fsync, the lock the hooks
+# wait for), so many tiny folds cost the hooks more than a few larger ones.
+GATHER_SECONDS = 0.1
+GATHER_BELOW = 200  # events
 BACKOFF_MAX_SECONDS = 2.0  # the longest pause between tries while the database is away
 
 
@@ -69,6 +74,7 @@ class Worker:
         self._senders_idle = threading.Condition(self._held_lock)  # notified whenever a sender finishes
         self._sweep_after: tuple[float, int] | None = None
         self.claims = 0  # claim transactions that leased jobs (a figure for tests and benchmarks)
+        self.last_turn = (0, 0)  # events folded and jobs claimed by the last turn
         self._last_housekeeping = 0.0
         self._started_at = time.time()
 
@@ -78,6 +84,10 @@ class Worker:
         """Lease up to `limit` due jobs whose portals may take them now, in one transaction."""
         owner = f"{self.worker_id}:{threading.get_ident()}"
         now = time.time()
+        if self.db.is_sqlite:
+            with self.db.read() as session:
+                if not outbox.any_claimable(session, self.pace, now):
+                    return []
         with self.db.write() as session:
             claims = outbox.claim_batch(
                 session,
@@ -108,6 +118,7 @@ class Worker:
         found work."""
         folded = self.fold()
         delivered = self.deliver()
+        self.last_turn = (folded, delivered)
         return bool(folded or delivered)
 
     def fold(self) -> int:
@@ -298,11 +309,15 @@ class Worker:
                 if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
                     self._last_housekeeping = time.monotonic()
                     self.housekeeping()
-                if self.run_once():
-                    failures = 0
-                    continue
+                worked = self.run_once()
                 failures = 0
-                pause = self._idle_sleep()
+                if worked:
+                    folded, delivered = self.last_turn
+                    if delivered or folded >= GATHER_BELOW:
+                        continue
+                    pause = GATHER_SECONDS
+                else:
+                    pause = self._idle_sleep()
             except Exception as error:
                 failures += 1
                 pause = min(BACKOFF_MAX_SECONDS, 0.05 * 2**failures)

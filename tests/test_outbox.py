@@ -421,6 +421,21 @@ def test_a_paused_portal_is_not_claimed_until_the_pause_ends(db: Database) -> No
     assert claim(db, "w", now=now + 5.1) is not None
 
 
+def test_an_idle_or_throttled_worker_finds_nothing_to_claim_with_a_read(db: Database) -> None:
+    """On SQLite the worker asks this before it takes the write lock the hooks wait for."""
+    now = time.time()
+    with db.read() as session:
+        assert not outbox.any_claimable(session, FAST, now)  # nothing queued
+    add_jobs(db, 3, lambda i: "p", now=now)
+    claim(db, "w", now=now)  # creates the pacing row
+    with db.write() as session:
+        session.execute(update(Job).values(state="pending", lease_owner=None))
+        ratelimit.pause(session, "p", now + 5, "QUERY_LIMIT_EXCEEDED", now)
+    with db.read() as session:
+        assert not outbox.any_claimable(session, FAST, now + 1)  # only a paused portal's jobs
+        assert outbox.any_claimable(session, FAST, now + 5.1)  # the pause is over
+
+
 # --- delivery: throttling, permanent errors, the ledger --------------------------------------
 
 

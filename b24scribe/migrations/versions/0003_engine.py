@@ -1,4 +1,4 @@
-"""engine: the worker holding each lease, the claim index, slots counted from leases
+"""engine: the worker holding each lease, the claim and fold indexes, slots counted from leases
 
 A job's lease now names its worker process (job.lease_worker), so a worker whose heartbeat stops
 has its jobs taken back at once; a portal's in-flight slots are its leased jobs, so the single
@@ -25,6 +25,7 @@ def upgrade() -> None:
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.add_column(sa.Column('lease_worker', sa.String(length=100), nullable=True))
         batch_op.create_index('ix_job_claim', ['state', 'attempts', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_job_apply_due', ['kind', 'state', 'id'], unique=False)
     with op.batch_alter_table('portal_pacing', schema=None) as batch_op:
         batch_op.drop_column('inflight_expires_at')
         batch_op.drop_column('inflight_owner')
@@ -35,5 +36,6 @@ def downgrade() -> None:
         batch_op.add_column(sa.Column('inflight_owner', sa.String(length=100), nullable=True))
         batch_op.add_column(sa.Column('inflight_expires_at', sa.Float(), nullable=True))
     with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.drop_index('ix_job_apply_due')
         batch_op.drop_index('ix_job_claim')
         batch_op.drop_column('lease_worker')
