@@ -726,3 +726,31 @@ def one_hour_generic(words: int = 10_000, seed: int = 11) -> bytes:
         clock += rng.uniform(0.2, 1.0)
         channel = 1 - channel
     return json.dumps({"segments": segments}).encode()
+
+
+def run_wrk_until_drained(
+    argv: list[str], env: dict[str, str], out: Path, log: Path, threads: int, deadline_seconds: float
+) -> dict[str, Any]:
+    """Run wrk with one of our Lua scripts until every thread has written its "drained" marker
+    (every answer is in) or `deadline_seconds` pass; the script's JSON figures from `out`."""
+    markers = [Path(f"{out}.drained.{n}") for n in range(1, threads + 1)]
+    for stale in (out, *markers):
+        stale.unlink(missing_ok=True)
+    with log.open("wb") as output:
+        wrk = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + deadline_seconds
+            while wrk.poll() is None and time.monotonic() < deadline:
+                if all(marker.exists() for marker in markers):
+                    wrk.send_signal(signal.SIGINT)  # every answer is in: end the run now
+                    break
+                time.sleep(0.02)
+            wrk.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if wrk.poll() is None:
+                wrk.kill()
+                wrk.wait()
+    if wrk.returncode != 0 or not out.exists():
+        raise RuntimeError(f"wrk failed ({wrk.returncode}): {tail(log)}")
+    figures: dict[str, Any] = json.loads(out.read_text())
+    return figures

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -62,6 +60,7 @@ from bench.common import (
     install_signal_handlers,
     main_for,
     row,
+    run_wrk_until_drained,
     service_env,
     start_web,
     start_worker,
@@ -153,26 +152,7 @@ def run_wrk(base_url: str, kind: str, prefix: str, seconds: float, space: Worksp
     argv = [ensure_wrk(), "-t", str(WRK_THREADS), "-c", str(CONNECTIONS), "-d", f"{duration:.0f}s"]
     argv += ["--timeout", f"{MAX_DRAIN_SECONDS:.0f}s", "-s", str(LUA), base_url + PATHS[kind]]
     log = space.path / f"wrk-{prefix}.log"
-    markers = [Path(f"{out}.drained.{n}") for n in range(1, WRK_THREADS + 1)]
-    for stale in (out, *markers):
-        stale.unlink(missing_ok=True)
-    with log.open("wb") as output:
-        wrk = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + duration + 30
-            while wrk.poll() is None and time.monotonic() < deadline:
-                if all(marker.exists() for marker in markers):
-                    wrk.send_signal(signal.SIGINT)  # every answer is in: end the run now
-                    break
-                time.sleep(0.02)
-            wrk.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if wrk.poll() is None:
-                wrk.kill()
-                wrk.wait()
-    if wrk.returncode != 0 or not out.exists():
-        raise RuntimeError(f"wrk failed ({wrk.returncode}): {tail(log)}")
-    data = json.loads(out.read_text())
+    data = run_wrk_until_drained(argv, env, out, log, WRK_THREADS, duration + 30)
     errors = data["errors"]
     window = data["window_s"] or seconds
     return WrkRun(

@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +62,7 @@ from bench.common import (
     install_signal_handlers,
     main_for,
     row,
+    run_wrk_until_drained,
     service_env,
     start_process,
     start_web,
@@ -320,24 +320,7 @@ def offer(web_url: str, rate: float, seconds: float, number: int, portals: list[
     argv = [ensure_wrk(), "-t", str(WRK_THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds + drain:.0f}s"]
     argv += ["--timeout", f"{drain:.0f}s", "-s", str(LUA), web_url]
     log = space.path / f"wrk-calls-{number}.log"
-    markers = [Path(f"{out}.drained.{n}") for n in range(1, WRK_THREADS + 1)]
-    with log.open("wb") as output:
-        wrk = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + seconds + drain + 30
-            while wrk.poll() is None and time.monotonic() < deadline:
-                if all(marker.exists() for marker in markers):
-                    wrk.send_signal(signal.SIGINT)  # every answer is in
-                    break
-                time.sleep(0.05)
-            wrk.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if wrk.poll() is None:
-                wrk.kill()
-                wrk.wait()
-    if wrk.returncode != 0 or not out.exists():
-        raise RuntimeError(f"wrk failed ({wrk.returncode}): {tail(log)}")
-    data = json.loads(out.read_text())
+    data = run_wrk_until_drained(argv, env, out, log, WRK_THREADS, seconds + drain + 30)
     errors = data["errors"]
     refused = sorted(out.parent.glob(f"{out.name}.refused.*"))
     return Load(
