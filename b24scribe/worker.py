@@ -75,6 +75,7 @@ class Worker:
         self._sweep_after: tuple[float, int] | None = None
         self.claims = 0  # claim transactions that leased jobs (a figure for tests and benchmarks)
         self.last_turn = (0, 0)  # events folded and jobs claimed by the last turn
+        self._sent = 0  # jobs the sender threads have finished (drain looks again when it moves)
         self._last_housekeeping = 0.0
         self._started_at = time.time()
 
@@ -179,6 +180,7 @@ class Worker:
             self._let_go([claim])
             with self._held_lock:
                 self._sending -= 1
+                self._sent += 1
                 self._senders_idle.notify_all()
 
     def _hold(self, claims: list[Claim]) -> None:
@@ -200,13 +202,19 @@ class Worker:
         how many turns had work."""
         ran, deadline = 0, time.monotonic() + timeout
         while time.monotonic() < deadline:
+            with self._held_lock:
+                sent_before = self._sent
             if self.run_once():
                 ran += 1
                 continue
             with self._held_lock:
                 sending = self._sending
                 if not sending:
-                    break
+                    if self._sent == sent_before:
+                        break
+                    # a sender finished after this turn's claim looked: its outcome may have made
+                    # the call's next step due, so look once more
+                    continue
                 # a finished job may have made the next step of its call due: look again then
                 self._senders_idle.wait_for(
                     functools.partial(self._fewer_sending, sending), max(0.0, min(1.0, deadline - time.monotonic()))
