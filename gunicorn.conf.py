@@ -45,7 +45,7 @@ _SECRET_HEADERS = ("authorization", "cookie", "x-twilio-signature", "webhook-sig
 
 
 class RedactingLogger(Logger):
-    """gunicorn's logs as JSON lines like the app's, and the access log without `?token=` values (SPEC 4)."""
+    """gunicorn's logs as JSON lines like the app's, and the access log without `?token=` values (contract §4)."""
 
     def setup(self, cfg):  # type: ignore[no-untyped-def]
         super().setup(cfg)

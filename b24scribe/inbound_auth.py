@@ -1,6 +1,6 @@
-"""Authenticating hooks before anything is stored (SPEC 4). Fails closed: no credential, no entry.
+"""Authenticating hooks before anything is stored (contract §4). Fails closed: no credential, no entry.
 
-Two steps, so that a body is never read for a request that cannot be authenticated (SPEC 12):
+Two steps, so that a body is never read for a request that cannot be authenticated (contract §12):
 `authenticate_before_body` checks what the headers and the query carry (a bearer token, a Basic
 password, a vendor's token header, `?token=`); only when the request carries the headers of a
 scheme that signs the body (Standard Webhooks) does it defer to `authenticate_signed_body`, which

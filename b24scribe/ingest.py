@@ -1,7 +1,7 @@
 """Storing what the hooks receive, and folding it into calls, transcripts and jobs.
 
 A hook stores the raw event and one `apply` job in ONE transaction and answers only after the
-commit (SPEC 5); a duplicate delivery finds the stored event through the unique dedupe key and
+commit (contract §5); a duplicate delivery finds the stored event through the unique dedupe key and
 creates no second job. The worker then folds each stored event into its call (`b24scribe.fold`,
 called by `b24scribe.inbox`), where the register, finish, attach and fetch jobs are planned.
 """
@@ -113,7 +113,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class CallEvent:
-    """One PBX call life-cycle event in our own terms (SPEC 3.1)."""
+    """One PBX call life-cycle event in our own terms (contract §3.1)."""
 
     event: str  # started | answered | finished
     call_id: str
@@ -131,7 +131,7 @@ class CallEvent:
 
 @dataclass(frozen=True, slots=True)
 class TranscriptOptions:
-    """Per-URL options of a transcript callback (SPEC 6.3)."""
+    """Per-URL options of a transcript callback (contract §6.3)."""
 
     channel_slot: int | None = None
     side_overrides: dict[str, str] = field(default_factory=dict)

@@ -60,7 +60,7 @@ def transcript_options(query: Mapping[str, str]) -> TranscriptOptions:
 
 
 def call_reference(query: Mapping[str, str], payload_reference: CallReference) -> CallReference:
-    """The call named by the URL and/or the vendor's metadata; they must agree (SPEC 3.3)."""
+    """The call named by the URL and/or the vendor's metadata; they must agree (contract §3.3)."""
     url = CallReference(
         pbx=query.get("pbx") or None,
         pbx_call_id=query.get("call") or None,

@@ -1,4 +1,4 @@
-"""Prometheus metrics with bounded labels (STYLE 8), merged across gunicorn workers and the worker process.
+"""Prometheus metrics with bounded labels, merged across gunicorn workers and the worker process.
 
 Counters and histograms live in each process. Under gunicorn (and in `flask worker`) they are
 written to PROMETHEUS_MULTIPROC_DIR, and `/metrics` merges every process's files with

@@ -1,4 +1,4 @@
-"""Retention: purge raw bodies and transcript text older than B24SCRIBE_RETENTION_DAYS (SPEC 12).
+"""Retention: purge raw bodies and transcript text older than B24SCRIBE_RETENTION_DAYS (contract §12).
 
 What "purged" keeps, so `/v1`, the CLI and the status page still tell what happened:
 

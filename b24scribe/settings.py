@@ -23,7 +23,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Typed settings with safe embedded defaults (SPEC 2)."""
+    """Typed settings with safe embedded defaults (contract §2)."""
 
     database_url: str = "sqlite:///instance/b24scribe.sqlite3"
     bitrix24_webhook_url: str | None = None
@@ -39,7 +39,7 @@ class Settings:
     first_speaker: Role = Role.CALLEE
     crm_create: bool = False
     max_body_bytes: int = 20 * 1024 * 1024
-    # a hook body that has not arrived this long after its headers is dropped (SPEC 12)
+    # a hook body that has not arrived this long after its headers is dropped (contract §12)
     body_timeout_seconds: float = 30.0
     rate_per_second: float = 2.0
     rate_burst: int = 45

@@ -19,7 +19,7 @@ class Side(enum.StrEnum):
 
 
 class Role(enum.StrEnum):
-    """Who a channel or the first speaker is (SPEC 6.3): a call role or a Bitrix24 side."""
+    """Who a channel or the first speaker is (contract §6.3): a call role or a Bitrix24 side."""
 
     CALLER = "caller"
     CALLEE = "callee"

@@ -1,4 +1,4 @@
-"""How long `/metrics` and `/readyz` take with a million stored events (SPEC 12: their queries stay cheap).
+"""How long `/metrics` and `/readyz` take with a million stored events (contract §12: their queries stay cheap).
 
 Fills a fresh, migrated SQLite database (and a PostgreSQL schema, when B24SCRIBE_TEST_POSTGRES_URL or
 --postgres names a server) with stored history, inserted in bulk straight into the tables:

@@ -279,7 +279,7 @@ def openai_payload(words: int = WORDS, seed: int = 5) -> bytes:
 
 
 def generic_payload(words: int = WORDS, seed: int = 6) -> bytes:
-    """Our generic format (SPEC 3.2): one segment per turn, its channel, and the cost."""
+    """Our generic format (contract §3.2): one segment per turn, its channel, and the cost."""
     rng = random.Random(seed)
     segments = [
         {

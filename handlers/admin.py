@@ -1,7 +1,7 @@
 """The admin API under `/v1`: calls, stored events, the outbox, replay. Bearer B24SCRIBE_ADMIN_TOKEN.
 
 Everything stored is answered through `displayable`: a stored lone surrogate, NUL or control
-character comes out as U+FFFD, so any JSON parser reads every answer (SPEC 12).
+character comes out as U+FFFD, so any JSON parser reads every answer (contract §12).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def require_admin_token() -> None:
 @documented(200, CallSchema, (404, "no call with this CALL_ID has reached the service"))
 def call_by_b24(b24_call_id: str) -> Response:
     """A call by its Bitrix24 CALL_ID."""
-    if id_problem(b24_call_id, MAX_B24_CALL_ID_LENGTH) is not None:  # no row can have it (SPEC 12)
+    if id_problem(b24_call_id, MAX_B24_CALL_ID_LENGTH) is not None:  # no row can have it (contract §12)
         raise ApiError(404, "unknown_call", "no call with this Bitrix24 CALL_ID has reached the service")
     with _db().read() as session:
         call = find_by_b24(session, b24_call_id)

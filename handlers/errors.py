@@ -1,4 +1,4 @@
-"""One error shape for every error: {"error": {"code", "message", "fields"}} (STYLE 6)."""
+"""One error shape for every error: {"error": {"code", "message", "fields"}}."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def answer_error(error: Exception, max_body_bytes: int | None) -> Response | Non
     if isinstance(error, ApiError):
         return error_response(error.status, error.code, error.message, error.fields)
     if isinstance(error, SQLAlchemyError | sqlite3.Error):  # the SQLite hot path talks to the driver directly
-        # Fails closed: nothing was acknowledged, so the sender retries (SPEC 5).
+        # Fails closed: nothing was acknowledged, so the sender retries (contract §5).
         structlog.get_logger(__name__).error("storage failed", error=type(error).__name__)
         return error_response(
             503,

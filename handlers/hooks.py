@@ -68,7 +68,7 @@ CREDENTIAL_HEADERS = tuple(
     (name, "HTTP_" + name.upper().replace("-", "_")) for name in ("authorization", *STANDARD_WEBHOOK_HEADERS)
 )
 
-# Body limits per route (SPEC 12): a PBX event is a few hundred bytes, so 64 KiB is generous and
+# Body limits per route (contract §12): a PBX event is a few hundred bytes, so 64 KiB is generous and
 # keeps a hostile sender from making the hot path read megabytes; a transcript may be long.
 PBX_MAX_BODY_BYTES = 64 * 1024
 # Query and form fields of one request: urllib's parse_qsl takes any number (max_num_fields=None).
@@ -175,7 +175,7 @@ class _Hook:
 
     def authenticate(self, limit: int, vendor_header: str | None = None) -> tuple[Authenticated, bytes]:
         """Authenticate, then read the body: a credential in the headers or the query is checked before
-        a byte of it is read; only a signature over the body reads it first, at most `limit` (SPEC 12)."""
+        a byte of it is read; only a signature over the body reads it first, at most `limit` (contract §12)."""
         headers = self.credential_headers(vendor_header)
         try:
             auth = authenticate_before_body(
@@ -228,7 +228,7 @@ class _Hook:
 
     def unreadable(self, raw: RawEvent, what: str) -> ApiError:
         """A parser raised something other than ValidationError: a bug, logged with its traceback.
-        Fails closed but keeps the event: a 4xx, never a 500 (SPEC 12), stored as rejected for replay."""
+        Fails closed but keeps the event: a 4xx, never a 500 (contract §12), stored as rejected for replay."""
         log.exception("a hook's parser failed", source=self.source, provider=self.provider)
         fields = {"_body": [f"this version cannot read the {what}; it is kept and can be replayed after a fix"]}
         return self.reject(raw, fields, f"the {what} cannot be processed: see fields")
@@ -398,7 +398,7 @@ def serve(
     request: Request, extensions: dict[str, Any], source: str, name: str, receive: Callable[[_Hook, str], Stored]
 ) -> Stored:
     """One hook request, either way in: an answer given before its body was read closes the connection,
-    and a request refused at the edge is counted by its reason (STYLE 8)."""
+    and a request refused at the edge is counted by its reason."""
     try:
         return receive(_Hook.of(request, extensions, source, name), name)
     except ApiError as error:

@@ -225,7 +225,7 @@ class ScribeApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
     def _register_error_handlers(self) -> None:
-        """Keep the app's own handlers (STYLE 6)."""
+        """Keep the app's own handlers."""
 
 
 def _version() -> str:

@@ -26,7 +26,7 @@ FieldPath = tuple[str | int, ...]
 Kind = Literal["seconds", "milliseconds", "text", "index", "label"]
 
 NUMBER_TYPES = (float, int)  # `type(x) in NUMBER_TYPES`: bool is not a time
-MAX_SECONDS = LIMIT_SECONDS  # a week (SPEC 12): larger "times" are garbage
+MAX_SECONDS = LIMIT_SECONDS  # a week (contract §12): larger "times" are garbage
 MAX_MILLISECONDS = MAX_SECONDS * 1000
 
 MISSING = "Missing data for required field."
@@ -157,7 +157,7 @@ def load_json_object(raw_body: bytes) -> dict[str, Any]:
 
 
 def channel_from_query(query: Mapping[str, str]) -> int | None:
-    """`?channel=0|1` (SPEC 6.3): the recording holds only that channel; None when absent."""
+    """`?channel=0|1` (contract §6.3): the recording holds only that channel; None when absent."""
     value = query.get("channel")
     if value is None or value == "":
         return None

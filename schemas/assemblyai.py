@@ -7,10 +7,10 @@ text is what we record (EU accounts: `B24SCRIBE_ASSEMBLYAI_API_URL=https://api.e
 `parse_transcript` reads the fetched transcript: `utterances` (present with `speaker_labels` or
 `multichannel`) else `words`, times in integer MILLISECONDS, `speaker` "A", "B", … and, with
 `multichannel=true`, `channel` "1", "2", … (left is "1"), which becomes our 0-based channel.
-Without speaker labels or channels the transcript is mono and unattributable (SPEC 6.3).
+Without speaker labels or channels the transcript is mono and unattributable (contract §6.3).
 
 Job id: `transcript_id` (webhook) / `id` (transcript). Call reference: AssemblyAI has no metadata
-field; the `webhook_url` carries `?pbx=…&call=…` or `?b24_call_id=…` (SPEC 3.3).
+field; the `webhook_url` carries `?pbx=…&call=…` or `?b24_call_id=…` (contract §3.3).
 Authentication: AssemblyAI sends a custom header of the user's choosing; configure
 `webhook_auth_header_name: "X-B24scribe-Token"` and `webhook_auth_header_value: <inbound token>`
 (`Authorization` / `Bearer <token>` works too, as on every hook).

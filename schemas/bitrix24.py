@@ -1,4 +1,4 @@
-"""Canonical Transcript → Bitrix24 `telephony.call.attachTranscription` MESSAGES (SPEC 6).
+"""Canonical Transcript → Bitrix24 `telephony.call.attachTranscription` MESSAGES (contract §6).
 
 `build_messages` is a plain loop over dataclass attributes, no marshmallow per message: a one-hour
 call is ~10,000 words and the translation must cost a fraction of parsing the vendor's payload.
@@ -65,7 +65,7 @@ def attach_params(call_id: str, transcript: Transcript, rules: SideRules) -> dic
 
 
 def _drafts(transcript: Transcript, rules: SideRules) -> list[_Draft]:
-    """The messages before rounding, sorted by their exact start (SPEC 6.4, 6.5)."""
+    """The messages before rounding, sorted by their exact start (contract §6.4, 6.5)."""
     if transcript.granularity == "word":
         drafts = _group_words(transcript, rules)
     else:
@@ -74,7 +74,7 @@ def _drafts(transcript: Transcript, rules: SideRules) -> list[_Draft]:
 
 
 class _SideResolver:
-    """Decides each segment's side, fed in time order (SPEC 6.3); speaker sides are decided once."""
+    """Decides each segment's side, fed in time order (contract §6.3); speaker sides are decided once."""
 
     __slots__ = (
         "_channel_sides",
@@ -149,7 +149,7 @@ def _collect_segments(transcript: Transcript, rules: SideRules) -> list[_Draft]:
 
 
 def _group_words(transcript: Transcript, rules: SideRules) -> list[_Draft]:
-    """Group words per side independently (SPEC 6.4), each side's message broken only by its own
+    """Group words per side independently (contract §6.4), each side's message broken only by its own
     pause of more than WORD_GAP_SECONDS; drafts come out in order of their first word."""
     side_of = _SideResolver(transcript, rules).side_of
     # An open message is [start, end, side, parts]. `opened` keeps them in creation order, which
@@ -190,7 +190,7 @@ def _collapse_whitespace(text: str) -> str:
 
 
 def _split_oversized_drafts(drafts: list[_Draft]) -> list[_Draft]:
-    """Split every text over MAX_MESSAGE_BYTES (SPEC 6.5), keeping drafts sorted by start."""
+    """Split every text over MAX_MESSAGE_BYTES (contract §6.5), keeping drafts sorted by start."""
     if all(len(draft[3]) <= _ALWAYS_SHORT_CHARS for draft in drafts):
         return drafts
     result: list[_Draft] = []
@@ -241,7 +241,7 @@ def _split_text(start: float, end: float, encoded: bytes) -> list[tuple[float, f
 
 
 def _render(drafts: list[_Draft]) -> list[Message]:
-    """The exact four-key dicts, times rounded per SPEC 6.2."""
+    """The exact four-key dicts, times rounded per contract §6.2."""
     messages: list[Message] = []
     append = messages.append
     floor, ceil, side_text = math.floor, math.ceil, _SIDE_TEXT
@@ -277,7 +277,7 @@ def _unattributed_indexes(transcript: Transcript) -> list[int]:
 
 
 def _unattributable_error(indexes: list[int], total: int) -> ValidationError:
-    """The 422 for a mono transcript without speakers (SPEC 6.3): it says what to change."""
+    """The 422 for a mono transcript without speakers (contract §6.3): it says what to change."""
     if len(indexes) == 1:
         which = f"segment {indexes[0]} names"
     else:
@@ -331,7 +331,7 @@ class MessageSchema(Schema):
 
     @validates_schema
     def _stop_after_start(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        # Bitrix24 does not check this; we promise it (SPEC 6.2: STOP_TIME >= START_TIME + 1).
+        # Bitrix24 does not check this; we promise it (contract §6.2: STOP_TIME >= START_TIME + 1).
         if data["STOP_TIME"] <= data["START_TIME"]:
             raise ValidationError("Must be greater than START_TIME.", "STOP_TIME")
 

@@ -3,12 +3,12 @@
 Accepted body: what Deepgram POSTs (or PUTs, `callback_method=put`) to the callback URL — the
 /v1/listen response, `metadata` + `results`. Segments are `results.utterances` (`utterances=true`)
 when present and non-empty, else the words of each `results.channels[i].alternatives[0]`
-(`punctuated_word`, falling back to `word`), grouped by side later (SPEC 6.4).
+(`punctuated_word`, falling back to `word`), grouped by side later (contract §6.4).
 
 Who speaks: with more than one entry in `results.channels` (`multichannel=true` on a stereo file)
 every segment keeps its 0-based channel. A single channel is mono even though Deepgram labels
 utterances `channel: 0`: then only diarization (`diarize=true`: `speaker` 0, 1, …) tells the sides
-apart, and a mono transcript without it is rejected later (SPEC 6.3). `?channel=0|1` on the
+apart, and a mono transcript without it is rejected later (contract §6.3). `?channel=0|1` on the
 callback URL says the file held that one channel.
 
 A body with `err_code`/`err_msg` and no `results` is a failed job (reason: `err_msg`).

@@ -1,4 +1,4 @@
-"""Our own generic transcript format (`POST /hooks/stt/generic`, SPEC 3.2).
+"""Our own generic transcript format (`POST /hooks/stt/generic`, contract §3.2).
 
 The marshmallow schemas are the contract. msgspec takes the common valid body in one C pass (the
 PBX generic event does the same, schemas/pbx_events.py); whatever it declines is loaded by the

@@ -1,4 +1,4 @@
-"""What a parsed value must fit before it is stored (SPEC 12): the ranges, and the columns it lands in.
+"""What a parsed value must fit before it is stored (contract §12): the ranges, and the columns it lands in.
 
 Every length here is read from the column the value is stored in, so a field's limit and its
 column cannot drift apart. Strings stored in a column may not hold control characters (PostgreSQL
@@ -34,7 +34,7 @@ def column_length(column: ColumnElement[Any]) -> int:
 _CALL = Call.__table__.c
 _TRANSCRIPT = TranscriptPart.__table__.c
 
-# SPEC 12 ranges. Call and job ids: at most 128 characters of printable text, the call id column.
+# contract §12 ranges. Call and job ids: at most 128 characters of printable text, the call id column.
 MAX_ID_LENGTH = column_length(_CALL.pbx_call_id)
 MAX_DURATION = 604_800  # seconds: a week
 MAX_USER_ID = 2_147_483_647  # Bitrix24's user ids are 32-bit signed integers (and so is the column)
@@ -132,7 +132,7 @@ class StoredText(validate.Length):
 
 
 def _problems_of_reference(reference: CallReference) -> dict[str, list[str]]:
-    """The call a transcript names, by the names the URL and vendor metadata give it (SPEC 3.3)."""
+    """The call a transcript names, by the names the URL and vendor metadata give it (contract §3.3)."""
     errors: dict[str, list[str]] = {}
     for attribute, name, max_length in (
         ("pbx", "pbx", MAX_PBX_LENGTH),
@@ -183,7 +183,7 @@ _STARTS, _ENDS, _TEXTS, _CHANNELS, _SPEAKERS = (
 
 
 def _segment_problems(segments: list[Segment]) -> dict[int, dict[str, list[str]]]:
-    """The first segment whose times or channel are out of SPEC 12's ranges (vendors check their own
+    """The first segment whose times or channel are out of contract §12's ranges (vendors check their own
     fields first, naming them their way, and that no segment ends before it starts; this is every
     vendor's backstop for what the columns and Bitrix24 need).
 
@@ -231,7 +231,7 @@ def _cleaned_segments(segments: list[Segment]) -> list[Segment]:
 
 
 def check_call_event(event: CallEvent) -> CallEvent:
-    """A PBX parser's event, checked against SPEC 12 and its columns (a ValidationError naming the
+    """A PBX parser's event, checked against contract §12 and its columns (a ValidationError naming the
     field by its generic-event name). The PBX schemas check the same; this is every parser's backstop,
     so the common event is let through with a few C-level checks and only a failing one is examined."""
     values = _CALL_EVENT_TEXT_VALUES(event)

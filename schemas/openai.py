@@ -12,7 +12,7 @@
 - whisper.cpp CLI `-oj`: `transcription[]` with `offsets.from`/`offsets.to` in MILLISECONDS and
   `text`; with `--diarize` on a stereo file, `speaker` "0" (left channel louder) or "1" (right)
   become channel 0 or 1, and "?" (undecided) takes the side opposite to the previous message
-  (SPEC 6.3); with `--tinydiarize`, `speaker_turn_next` alternates speakers "A"/"B" from the
+  (contract §6.3); with `--tinydiarize`, `speaker_turn_next` alternates speakers "A"/"B" from the
   first segment. The whisper.cpp server's `verbose_json` is the OpenAI shape above.
 - faster-whisper: the segments as a JSON list (or `{"segments": [...]}`) of `_asdict()` dicts
   (`start`, `end`, `text`); a NamedTuple dumped as a JSON array (`[id, seek, start, end, text,
@@ -281,7 +281,7 @@ def _whispercpp_transcript(body: dict[str, Any], forced_channel: int | None) -> 
             speaker = None
         elif forced_channel is None and speaker in _WHISPERCPP_CHANNELS:
             channel = _WHISPERCPP_CHANNELS[speaker]
-            speaker = None  # the channel decides; "?" stays a speaker (turn-taking, SPEC 6.3)
+            speaker = None  # the channel decides; "?" stays a speaker (turn-taking, contract §6.3)
         append(new_segment(start / 1000, end / 1000, text, channel, speaker))
     errors.raise_if_any()
     return Transcript(segments=segments)

@@ -1,4 +1,4 @@
-"""PBX call events: the generic JSON event (SPEC 3.1) and the same fields form-encoded (Asterisk)."""
+"""PBX call events: the generic JSON event (contract §3.1) and the same fields form-encoded (Asterisk)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The registry of sources: each STT vendor as data (STYLE 4).
+"""The registry of sources: each STT vendor as data.
 
 Adding a vendor touches its schema module (which exports `VENDOR`) and one line here. Every
 vendor's parsers are registered wrapped in `checked_vendor_result` (schemas/limits.py): whatever a
-vendor module returns, what leaves the registry fits SPEC 12's ranges and the columns it is stored
+vendor module returns, what leaves the registry fits contract §12's ranges and the columns it is stored
 in, for callbacks and fetched transcripts alike.
 """
 

@@ -15,7 +15,7 @@ first word's `ts` to the last word's `end_ts` (float seconds); `unknown` element
 monologue `speaker` is the channel: add `?speaker_channels_count=2` to the callback URL too, and
 the speaker number becomes our 0-based channel. `?channel=0|1`: the file held that channel only.
 Rev.ai names a speaker even without diarization (`skip_diarization`), so a transcript whose
-monologues all name one speaker counts as mono without speakers (unattributable, SPEC 6.3).
+monologues all name one speaker counts as mono without speakers (unattributable, contract §6.3).
 
 Job id: `job.id`. Call reference: `job.metadata` written as a query string,
 `pbx=asterisk&call=1700000000.123` or `b24_call_id=<CALL_ID>` (other metadata is ignored).

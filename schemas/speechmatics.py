@@ -7,7 +7,7 @@ whose body is the job info only (reason: its last `errors[].message`, else the s
 
 json-v2 has words only: every `results[]` item of type `word`, `entity` (its written form) or
 `punctuation` becomes one word-level segment (others are ignored, as the spec asks), grouped by
-side later (SPEC 6.4). Punctuation `attaches_to` rebuilds the text: `previous` (the default, and
+side later (contract §6.4). Punctuation `attaches_to` rebuilds the text: `previous` (the default, and
 what "." and "," say) glues to the word before, `next` makes the following word of the same
 channel glue to it (an opening quote), `both` does both, `none` stands alone.
 
@@ -15,7 +15,7 @@ Who speaks: channel diarization (`"diarization": "channel"`) labels each item's 
 `channel_diarization_labels[i]` if given, else `Channel 1`/`channel_1`…; it becomes the 0-based
 channel i. Speaker diarization labels `alternatives[0].speaker` `S1`, `S2`…; `UU` (unknown) takes
 the speaker of the nearest known word before it on the same channel (or after it, at the start).
-All-`UU` mono transcripts are unattributable (SPEC 6.3).
+All-`UU` mono transcripts are unattributable (contract §6.3).
 
 Job id: `job.id` (else `?id=`). Call reference: `tracking.reference` as a query string,
 `pbx=asterisk&call=1700000000.123` or `b24_call_id=<CALL_ID>`, or the same keys in
@@ -53,7 +53,7 @@ from schemas.source import SttVendor, load_json
 FAILED_STATUSES = frozenset({"error", "fetch_error", "trim_error"})
 UNKNOWN_SPEAKER = "UU"
 _UNSEEN = object()  # no channel label seen yet
-# at most 2 digits: channels are counted 1 to 32 here (0 to 31 in SPEC 12), and int() of 5,000 digits raises
+# at most 2 digits: channels are counted 1 to 32 here (0 to 31 in contract §12), and int() of 5,000 digits raises
 _DEFAULT_CHANNEL_LABEL = re.compile(r"channel[ _]?([0-9]{1,2})", re.IGNORECASE)
 _RESULTS_REQUIRED = (
     'Missing data for required field: the notification must send the json-v2 transcript, "contents": ["transcript"].'

@@ -1,4 +1,4 @@
-"""A corpus of hostile input (SPEC 12): values, bodies and raw HTTP requests a sender might make.
+"""A corpus of hostile input (contract §12): values, bodies and raw HTTP requests a sender might make.
 
 Three layers, from the inside out:
 - `HOSTILE_VALUES`: JSON values to put in any field (numbers beyond every range, NUL, lone

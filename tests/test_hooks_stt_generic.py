@@ -1,4 +1,4 @@
-"""The transcript hook's contract (SPEC 4, 5): who gets in, what is stored, what each status means."""
+"""The transcript hook's contract (contract §4, 5): who gets in, what is stored, what each status means."""
 
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ class TestStorage:
             session.execute(text("DROP TABLE job"))
         response = client.post(URL, json=TRANSCRIPT, headers=auth())
         assert response.status_code == 503
-        assert response.headers["Retry-After"] == "5"  # the contract for "could not store" (SPEC 5)
+        assert response.headers["Retry-After"] == "5"  # the contract for "could not store" (contract §5)
         assert response.json is not None
         assert response.json["error"]["code"] == "storage_unavailable"
 

@@ -1,4 +1,4 @@
-"""Hostile input at the parsing layer (SPEC 12): whatever an authenticated sender posts, each parser
+"""Hostile input at the parsing layer (contract §12): whatever an authenticated sender posts, each parser
 gives a result that can be stored and folded, or a ValidationError naming the field (a 422, kept as a
 rejected event). Never another exception, never a 2xx for an event that can then never be processed."""
 

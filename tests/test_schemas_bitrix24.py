@@ -1,4 +1,4 @@
-"""A canonical transcript becomes exactly valid Bitrix24 MESSAGES (SPEC 6)."""
+"""A canonical transcript becomes exactly valid Bitrix24 MESSAGES (contract §6)."""
 
 from __future__ import annotations
 

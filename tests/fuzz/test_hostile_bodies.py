@@ -1,5 +1,5 @@
 """The hostile corpus (tests/hostile.py) against every hook, in-process: never a 5xx, and every
-accepted body is processed by the worker (SPEC 12)."""
+accepted body is processed by the worker (contract §12)."""
 
 from __future__ import annotations
 

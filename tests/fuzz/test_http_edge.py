@@ -57,7 +57,7 @@ def exchange(url: str, raw: RawRequest) -> tuple[int | None, bytes]:
 
 
 def is_json_error(body: bytes) -> bool:
-    """The one error shape (SPEC 5): {"error": {"code", "message", "fields"}}."""
+    """The one error shape (contract §5): {"error": {"code", "message", "fields"}}."""
     try:
         error = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):

@@ -128,7 +128,7 @@ CREDENTIALS = ["bearer", "query", "vendor header", "standard webhooks", "basic"]
 def credentials_for(
     how: str, vendor_header: str | None, body: bytes, query: list[tuple[str, str]]
 ) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """The headers and query of one way of authenticating (every way a hook accepts, SPEC 4)."""
+    """The headers and query of one way of authenticating (every way a hook accepts, contract §4)."""
     if how == "query":
         return {}, [*query, ("token", INBOUND_TOKEN)]
     if how == "vendor header" and vendor_header:

@@ -93,7 +93,7 @@ def test_the_api_conforms_to_its_openapi_document(app: Flask, fuzz: Fuzzer, labe
     # a 404: each known name is fuzzed instead (a random one too)
     names = [{"pbx": name} for name in PBX_PARSERS] if "{pbx}" in label and "/hooks/" in label else []
     names += [{"vendor": name} for name in STT_VENDORS] if "{vendor}" in label else []
-    # and a transcript names its call in the URL (SPEC 3.3), which the document leaves optional
+    # and a transcript names its call in the URL (contract §3.3), which the document leaves optional
     queries = [{"pbx": "generic", "call": "schemathesis-1"}, None] if "{vendor}" in label else [None]
     strategy = st.one_of(
         *[
