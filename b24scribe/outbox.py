@@ -240,11 +240,6 @@ def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float
     return renewed
 
 
-def renew_lease(session: Session, claim: Claim, lease_seconds: float, now: float | None = None) -> bool:
-    """Extend our lease; False when it is no longer ours (reclaimed after expiry)."""
-    return renew_leases(session, [claim], lease_seconds, now) == 1
-
-
 def _release(job: Job) -> None:
     """End the lease, and with it the portal slot the job held."""
     job.lease_owner = None

@@ -42,7 +42,7 @@ from b24scribe.inbound_auth import (
     authenticate_signed_body,
 )
 from b24scribe.ingest import Outcome, RawEvent, call_event_key, store_event, store_rejected, transcript_key
-from b24scribe.intake import PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
+from b24scribe.intake import MAX_FORM_FIELDS, PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.metrics import Metrics
 from b24scribe.settings import Settings
 from handlers.errors import BODY_ERRORS, ApiError, answer_error, bounded_fields, unreadable_body_message
@@ -71,8 +71,9 @@ CREDENTIAL_HEADERS = tuple(
 # Body limits per route (contract §12): a PBX event is a few hundred bytes, so 64 KiB is generous and
 # keeps a hostile sender from making the hot path read megabytes; a transcript may be long.
 PBX_MAX_BODY_BYTES = 64 * 1024
-# Query and form fields of one request: urllib's parse_qsl takes any number (max_num_fields=None).
-MAX_FIELDS = 200
+# Query and form fields of one request: urllib's parse_qsl takes any number (max_num_fields=None);
+# the same bound the stored form is parsed with again on replay.
+MAX_FIELDS = MAX_FORM_FIELDS
 _BODY_READ = "b24scribe.body_read"  # environ key: set once the hook has read its whole body
 # what reading a hook's body can raise: the server's body errors, and a connection reset mid-body
 _READ_ERRORS: tuple[type[Exception], ...] = (*BODY_ERRORS, OSError)

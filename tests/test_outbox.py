@@ -249,11 +249,11 @@ def test_a_foreign_lease_is_not_renewed(db: Database) -> None:
     foreign = Claim(mine.job_id, mine.kind, mine.portal, "someone-else", mine.attempts, mine.ambiguous)
 
     with db.write() as session:
-        assert outbox.renew_lease(session, foreign, 30.0, now=now + 20) is False
+        assert outbox.renew_leases(session, [foreign], 30.0, now=now + 20) == 0
     assert job_row(db, job_id).lease_expires_at == expires
 
     with db.write() as session:
-        assert outbox.renew_lease(session, mine, 30.0, now=now + 20) is True
+        assert outbox.renew_leases(session, [mine], 30.0, now=now + 20) == 1
     assert job_row(db, job_id).lease_expires_at == pytest.approx(now + 50)
 
 
