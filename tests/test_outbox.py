@@ -583,8 +583,10 @@ def test_transient_errors_follow_the_configured_schedule_then_die_and_replay_all
     fake_bitrix24.inject(ATTACH, 500, times=3)
     worker.drain()
     job = raw_job(app, attach_job(app, call_id)["id"])
-    assert (job.state, job.attempts) == ("pending", 1)
-    assert 0.24 <= job.next_attempt_at - job.updated_at <= 0.36
+    # on a loaded machine the drain may outlast the first 0.3 s back-off and spend the second attempt
+    assert job.state == "pending" and job.attempts in (1, 2)
+    scheduled = (0.3, 0.6)[job.attempts - 1]
+    assert 0.8 * scheduled - 0.01 <= job.next_attempt_at - job.updated_at <= 1.2 * scheduled + 0.01
     deadline = time.monotonic() + 10
     while raw_job(app, job.id).state != "dead" and time.monotonic() < deadline:
         time.sleep(0.1)
