@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py`: make the repository
     sys.path.insert(0, str(ROOT))
 
 if TYPE_CHECKING:
-    from tests.fake_bitrix24 import FakeBitrix24
+    from fake_bitrix24 import FakeBitrix24
 
 BIN = Path(sys.executable).parent
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -550,7 +550,7 @@ def post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
 
 def start_fake() -> FakeBitrix24:
     """A FakeBitrix24 serving in this process (no limits until configured)."""
-    from tests.fake_bitrix24 import FakeBitrix24
+    from fake_bitrix24 import FakeBitrix24
 
     return FakeBitrix24(host=LOOPBACK).start()
 
@@ -563,7 +563,7 @@ def create_finished_calls(fake: FakeBitrix24, count: int, prefix: str = "bench")
     """
     from urllib.parse import urlsplit
 
-    from tests.fake_bitrix24 import IncomingRequest
+    from fake_bitrix24 import IncomingRequest
 
     base = urlsplit(fake.webhook_url).path
 

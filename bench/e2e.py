@@ -42,7 +42,7 @@ from bench.common import (
 )
 
 if TYPE_CHECKING:
-    from tests.fake_bitrix24 import FakeBitrix24
+    from fake_bitrix24 import FakeBitrix24
 
 TARGET_P50_MS = 100.0
 WARMUP = 5

@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/fault_run.py`: make the re
 
 from b24scribe.db import Database  # noqa: E402
 from b24scribe.models import AttachLedger, Base, Job  # noqa: E402
-from tests.fake_bitrix24 import FakeBitrix24  # noqa: E402
+from fake_bitrix24 import FakeBitrix24  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"

@@ -43,7 +43,7 @@ from bench.common import (
 )
 
 if TYPE_CHECKING:
-    from tests.fake_bitrix24 import FakeBitrix24
+    from fake_bitrix24 import FakeBitrix24
 
 TARGET_MB = 150.0
 WORDS = 10_000

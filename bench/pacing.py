@@ -53,7 +53,7 @@ from bench.fault_run import (  # noqa: E402
     start_web,
     worker_argv,
 )
-from tests.fake_bitrix24 import FakeBitrix24, IncomingRequest, Reply  # noqa: E402
+from fake_bitrix24 import FakeBitrix24, IncomingRequest, Reply  # noqa: E402
 
 ATTACH = "telephony.call.attachtranscription"
 # the service's default: requests one portal may have in flight at once (B24SCRIBE_PORTAL_CONCURRENCY)

@@ -46,7 +46,7 @@ from bench.common import (
 )
 
 if TYPE_CHECKING:
-    from tests.fake_bitrix24 import FakeBitrix24
+    from fake_bitrix24 import FakeBitrix24
 
 TARGET_EFFICIENCY = 0.9
 FAKE_BURST, FAKE_RATE = 50, 2.0  # Bitrix24's limits

@@ -3,7 +3,7 @@
 A call is what a user's PBX and speech-to-text vendor send: a PBX `call.finished` event and, right
 after it, the call's generic transcript (30 segments). The service runs as users run it (the
 Procfile's `web` and one or more `worker` processes, defaults otherwise) and delivers to several
-fake Bitrix24 portals (tests/fake_bitrix24.py, run as its own process, without limits) through
+fake Bitrix24 portals (fake_bitrix24/, run as its own process, without limits) through
 B24SCRIBE_BITRIX24_PORTALS; the service's pacing is lifted (B24SCRIBE_RATE_PER_SECOND and
 B24SCRIBE_RATE_BURST 1000) because this measures the engine, not Bitrix24's limits. Each call
 becomes three requests to Bitrix24: register, finish, attachTranscription.
@@ -226,7 +226,7 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 @dataclass
 class Fake:
-    """`python -m tests.fake_bitrix24` in its own process (its own GIL): portals and control URL."""
+    """`python -m fake_bitrix24` in its own process (its own GIL): portals and control URL."""
 
     process: subprocess.Popen[bytes]
     portals: dict[str, str]  # our portal name → webhook URL
@@ -244,7 +244,7 @@ class Fake:
 def start_fake(space: Workspace, portals: int) -> Fake:
     """The fake with `portals` portals, no rate limit, no faults; waits for its announcement."""
     log = space.path / "fake-bitrix24.log"
-    argv = [str(BIN / "python"), "-m", "tests.fake_bitrix24", "--port", "0", "--portals", str(portals)]
+    argv = [str(BIN / "python"), "-m", "fake_bitrix24", "--port", "0", "--portals", str(portals)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     process = start_process(argv, env, ROOT, log, stdout=subprocess.PIPE)
     holder: list[bytes] = []

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fake_bitrix24 import (
+from fake_bitrix24 import (
     CALL_NOT_REGISTERED,
     USER_INACTIVE,
     USER_NOT_SET,
@@ -795,7 +795,7 @@ def test_control_endpoints_in_process(fake_bitrix24: FakeBitrix24) -> None:
 
 @pytest.mark.timeout(60)
 def test_subprocess_mode_serves_and_reports_state() -> None:
-    command = [sys.executable, "-m", "tests.fake_bitrix24", "--port", "0", "--burst", "3", "--rate", "0.01"]
+    command = [sys.executable, "-m", "fake_bitrix24", "--port", "0", "--burst", "3", "--rate", "0.01"]
     process = subprocess.Popen([*command, "--portals", "2"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
