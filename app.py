@@ -14,13 +14,15 @@ from b24scribe.db import Database
 from b24scribe.logging import configure_logging
 from b24scribe.metrics import Metrics
 from b24scribe.settings import Settings, SettingsError, load_settings
+from b24scribe.sources import Sources
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the Flask app around one Settings object (read from the environment if not given)."""
+def create_app(settings: Settings | None = None, sources: Sources | None = None) -> Flask:
+    """Build the Flask app around one Settings object (read from the environment if not given) and
+    the registry of sources (`schemas/registry.py`'s, unless given: tests add their own sources)."""
     if settings is None:
         try:
             settings = load_settings()
@@ -35,6 +37,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["b24scribe.settings"] = settings
     app.extensions["b24scribe.db"] = Database(settings.database_url)
     app.extensions["b24scribe.metrics"] = Metrics()
+    if sources is None:
+        from schemas.registry import SOURCES as sources
+    app.extensions["b24scribe.sources"] = sources
     register_blueprints(app)
     register_error_handlers(app)
     register_commands(app)
@@ -67,20 +72,30 @@ class RequestId:
 
 
 def register_middleware(app: Flask) -> None:
-    """The hooks' lane (the hooks served without Flask's dispatch), inside the request id (every
-    request, the lane's included, gets one)."""
-    from handlers.hooks import HookLane
+    """The hooks' own WSGI application mounted at /hooks beside Flask (its routes are the registry of
+    sources; Flask serves everything else), inside the request id (every request gets one)."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-    app.wsgi_app = RequestId(HookLane(app, app.wsgi_app))  # type: ignore[method-assign]
+    from handlers.hooks import HookApp
+
+    extensions = app.extensions
+    hooks = HookApp(
+        extensions["b24scribe.settings"],
+        extensions["b24scribe.db"],
+        extensions["b24scribe.metrics"],
+        extensions["b24scribe.sources"],
+    )
+    app.wsgi_app = RequestId(DispatcherMiddleware(app.wsgi_app, {"/hooks": hooks}))  # type: ignore[method-assign]
 
 
 def register_blueprints(app: Flask) -> None:
-    """Hooks, admin API, health and metrics (all in the OpenAPI document), and the status page."""
-    from handlers import admin, health, hooks, status_page
-    from handlers.openapi import init_api
+    """Admin API, health and metrics, and the status page; the OpenAPI document covers them and the
+    hooks (served beside Flask, see `register_middleware`), which it draws from the registry."""
+    from handlers import admin, health, status_page
+    from handlers.openapi import document_hooks, init_api
 
     api = init_api(app)
-    api.register_blueprint(hooks.bp)
+    document_hooks(api, app.extensions["b24scribe.sources"])
     api.register_blueprint(admin.bp)
     api.register_blueprint(health.bp)
     app.register_blueprint(status_page.bp)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from b24scribe.models import Call, Job, TranscriptPart
+from b24scribe.models import QUEUED_JOB_STATES, Call, Job, JobKind, JobState, TranscriptPart
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -33,8 +33,9 @@ def describe_job(job: Job, with_request: bool = False) -> dict[str, Any]:
         "kind": job.kind,
         "state": job.state,
         "attempts": job.attempts,
-        "next_attempt_at": iso(job.next_attempt_at) if job.state in ("pending", "waiting") else None,
+        "next_attempt_at": iso(job.next_attempt_at) if job.state in QUEUED_JOB_STATES else None,
         "last_error": job.last_error,
+        "dead_reason": job.dead_reason,
         "call": job.call_id,
         "result": job.result,
     }
@@ -53,7 +54,7 @@ def _transcript_state(part: TranscriptPart, call: Call, open_attach: Job | None)
     if call.stage != "finished":
         needed = "registered and finished" if call.stage == "new" else "finished"
         return "waiting", f"waiting for the PBX to report the call so it can be {needed} in Bitrix24"
-    if open_attach is not None and open_attach.state == "dead":
+    if open_attach is not None and open_attach.state == JobState.DEAD:
         return "failed", open_attach.last_error  # given up: replay the job once the cause is fixed
     return "pending", open_attach.last_error if open_attach else None
 
@@ -64,7 +65,7 @@ def describe_call(session: Session, call: Call) -> dict[str, Any]:
     parts = list(
         session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id).order_by(TranscriptPart.id))
     )
-    open_attach = next((j for j in reversed(jobs) if j.kind == "attach" and j.state != "done"), None)
+    open_attach = next((j for j in reversed(jobs) if j.kind == JobKind.ATTACH and j.state != JobState.DONE), None)
     transcripts = []
     for part in parts:
         state, reason = _transcript_state(part, call, open_attach)

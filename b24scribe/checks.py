@@ -18,6 +18,7 @@ from b24scribe.db import Database
 from b24scribe.logging import redact
 from b24scribe.migrate import alembic_config
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 
 MIN_TOKEN_LENGTH = 16
 REQUIRED_SCOPE = "telephony"
@@ -142,9 +143,28 @@ def check_bitrix24(settings: Settings) -> list[Finding]:
     return [check_portal(portal, url, settings.bitrix24_timeout) for portal, url in settings.portal_urls().items()]
 
 
-def run_checks(settings: Settings, db: Database) -> list[Finding]:
+def check_sources(settings: Settings, sources: Sources) -> list[Finding]:
+    """The hook URLs the registry serves, and how each source can authenticate as configured."""
+    findings = [ok(f"hooks: {', '.join(f'/hooks/{kind}/{name}' for kind, name in sources.labels())}")]
+    for source in sources:
+        for scheme in source.signatures:
+            if scheme.configured(settings, source.name):
+                findings.append(ok(f"/hooks/{source.kind}/{source.name} verifies {scheme.name} signatures"))
+            elif settings.inbound_token is None:
+                findings.append(
+                    warning(f"/hooks/{source.kind}/{source.name}: neither a token nor its {scheme.name} secret is set")
+                )
+    return findings
+
+
+def run_checks(settings: Settings, db: Database, sources: Sources) -> list[Finding]:
     """All checks, in the order a person would fix them."""
-    return [*check_settings(settings), *check_database(db), *check_bitrix24(settings)]
+    return [
+        *check_settings(settings),
+        *check_sources(settings, sources),
+        *check_database(db),
+        *check_bitrix24(settings),
+    ]
 
 
 def has_problems(findings: Iterable[Finding]) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -361,6 +362,16 @@ class Database:
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
+
+
+def upsert_insert(dialect: str | Session | Connection) -> Callable[..., Any]:
+    """The INSERT that can say ON CONFLICT for this database (PostgreSQL's, else SQLite's): the one
+    place that picks it. Takes the dialect's name, or a session or connection bound to the database."""
+    if isinstance(dialect, Session):
+        name = dialect.get_bind().dialect.name
+    else:
+        name = dialect if isinstance(dialect, str) else dialect.dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
 
 
 def affected_rows(result: Result[Any]) -> int:

@@ -3,7 +3,7 @@
 A hook stores the raw event and one `apply` job in ONE transaction and answers only after the
 commit (contract §5); a duplicate delivery finds the stored event through the unique dedupe key and
 creates no second job. The worker then folds each stored event into its call (`b24scribe.fold`,
-called by `b24scribe.inbox`), where the register, finish, attach and fetch jobs are planned.
+called by `b24scribe.folding`), where the register, finish, attach and fetch jobs are planned.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, String, bindparam, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
-from b24scribe.db import Database
+from b24scribe.db import Database, upsert_insert
 from b24scribe.models import Call, InboundEvent, Job
 from b24scribe.transcript import Direction, Segment, VendorResult
 
@@ -62,6 +61,16 @@ def storable_content_type(content_type: str | None) -> str | None:
     if content_type is None or (len(content_type) <= _MAX_CONTENT_TYPE_LENGTH and content_type.isprintable()):
         return content_type
     return _UNSTORABLE.sub("?", content_type[:_MAX_CONTENT_TYPE_LENGTH])
+
+
+# What each kind of event is called in answers and stored rejections.
+EVENT_NOUNS = {"pbx": "call event", "stt": "transcript"}
+
+
+def rejection_message(source: str) -> str:
+    """The message of a 422 for an event that cannot be processed (its fields say why): the hooks'
+    answer and what a replay stores read the same."""
+    return f"the {EVENT_NOUNS[source]} cannot be processed: see fields"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +168,8 @@ _EXISTING = select(InboundEvent.id, InboundEvent.state, InboundEvent.error).wher
 @functools.cache
 def _insert_event_statement(dialect: str) -> Any:
     # Built once (the hot path of every hook): only the parameters change per request.
-    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
-        insert_for(InboundEvent)
+        upsert_insert(dialect)(InboundEvent)
         .values({name: bindparam(name, type_=InboundEvent.__table__.c[name].type) for name in _EVENT_COLUMNS})
         .on_conflict_do_nothing(index_elements=["source", "provider", "dedupe_key"])
         .returning(InboundEvent.id)
@@ -264,7 +272,7 @@ def store_event(db: Database, raw: RawEvent, key: str) -> Outcome:
     """Store an accepted event and the outbox job that folds it into its call, in one commit.
 
     This is all a hook does before it answers 202: two small inserts, group-committed with other
-    requests' on SQLite. The worker's `inbox.apply_pending` does the rest (call, transcript, jobs).
+    requests' on SQLite. The worker's `folding.apply_pending` does the rest (call, transcript, jobs).
     A duplicate (same dedupe key) stores nothing and answers with the stored event.
     """
     return _store(db, raw, key, "accepted", None)
@@ -290,6 +298,30 @@ def transcript_key(raw: RawEvent, result: VendorResult, options: TranscriptOptio
     if natural_key and result.status == "fetch":
         natural_key += ":fetch"
     return raw.dedupe_key(natural_key)
+
+
+# A transcript part's columns a vendor result may leave unset (a failure, a result still to fetch).
+PART_DEFAULTS: dict[str, Any] = {"granularity": "segment", "segments": None, "cost": None, "cost_currency": None}
+
+
+def part_values(result: VendorResult) -> dict[str, Any]:
+    """What a vendor's result writes into its transcript part: the one place the fold of a new
+    callback, a replay and a fetched transcript decide it."""
+    transcript = result.transcript
+    if result.status == "completed" and transcript is not None:
+        return {
+            "status": "completed",
+            "delivery_state": "queued",
+            "failure_reason": None,
+            "granularity": transcript.granularity,
+            "segments": serialize_segments(transcript.segments),
+            "cost": transcript.cost,
+            "cost_currency": transcript.cost_currency,
+        }
+    if result.status == "fetch":
+        return {"status": "fetching", "delivery_state": "queued", "failure_reason": None}
+    reason = result.failure_reason or "the vendor reported no transcript"
+    return {"status": "failed", "delivery_state": "failed", "failure_reason": reason}
 
 
 def serialize_segments(segments: list[Segment]) -> list[list[Any]]:

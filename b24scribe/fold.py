@@ -23,10 +23,10 @@ from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from b24scribe.ingest import CallEvent, serialize_segments
-from b24scribe.intake import ParsedTranscript
-from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
+from b24scribe.events import PART_DEFAULTS, CallEvent, part_values
+from b24scribe.models import QUEUED_JOB_STATES, Call, InboundEvent, Job, JobKind, JobState, TranscriptPart
 from b24scribe.outbox import OPEN_STATES
+from b24scribe.parsing import ParsedTranscript
 from b24scribe.transcript import Direction
 
 # What an event can change on its call (CallState.merge), written back for every call that changed.
@@ -166,7 +166,7 @@ def _call_key(folding: Folding) -> tuple[tuple[str, str, str], str, Direction | 
             folding.readable.portal,
             content.options.direction,
         )
-    assert reference.pbx and reference.pbx_call_id  # intake.call_reference checked it
+    assert reference.pbx and reference.pbx_call_id  # parsing.call_reference checked it
     return _pbx_key(reference.pbx, reference.pbx_call_id), folding.readable.portal, None
 
 
@@ -296,13 +296,13 @@ def _load_open_jobs(connection: Connection, states: dict[int, CallState]) -> Non
     rows = connection.execute(
         select(_JOB.c.call_id, _JOB.c.kind, _JOB.c.state).where(
             _JOB.c.call_id.in_(list(states)),
-            _JOB.c.kind.in_(("register", "finish", "attach")),
+            _JOB.c.kind.in_((JobKind.REGISTER, JobKind.FINISH, JobKind.ATTACH)),
             _JOB.c.state.in_(OPEN_STATES),
         )
     )
     for call_id, kind, state in rows:
         states[call_id].open_kinds.add(kind)
-        if kind == "attach" and state in ("waiting", "pending"):
+        if kind == JobKind.ATTACH and state in QUEUED_JOB_STATES:
             states[call_id].attach_queued = True
 
 
@@ -314,7 +314,7 @@ def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bo
             "event_id": event_id,
             "transcript_id": None,
             "portal": call.portal,
-            "state": "waiting" if waiting else "pending",
+            "state": JobState.WAITING if waiting else JobState.PENDING,
         }
     )
     call.open_kinds.add(kind)
@@ -322,44 +322,44 @@ def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bo
 
 def _fold_call_event(plan: _Plan, call: CallState, event_id: int, event: CallEvent, now: float) -> None:
     call.merge(event, now)
-    if call.stage == "new" and "register" not in call.open_kinds:
-        _enqueue(plan, "register", call, event_id)
-    if call.finish_reported and call.stage != "finished" and "finish" not in call.open_kinds:
-        _enqueue(plan, "finish", call, event_id, waiting=call.stage != "registered")
+    if call.stage == "new" and JobKind.REGISTER not in call.open_kinds:
+        _enqueue(plan, JobKind.REGISTER, call, event_id)
+    if call.finish_reported and call.stage != "finished" and JobKind.FINISH not in call.open_kinds:
+        _enqueue(plan, JobKind.FINISH, call, event_id, waiting=call.stage != "registered")
 
 
 def _fold_transcript(
     plan: _Plan, call: CallState, event_id: int, vendor: str, parsed: ParsedTranscript, now: float
 ) -> None:
     result, options = parsed.result, parsed.options
-    transcript = result.transcript
     plan.parts.append(
         {
             "call_id": call.id,
             "event_id": event_id,
             "vendor": vendor,
             "vendor_job_id": result.vendor_job_id,
-            "status": {"completed": "completed", "failed": "failed", "fetch": "fetching"}[result.status],
-            "failure_reason": result.failure_reason,
+            **PART_DEFAULTS,
+            **part_values(result),
             "channel_slot": options.channel_slot,
-            "granularity": transcript.granularity if transcript else "segment",
-            "segments": serialize_segments(transcript.segments) if transcript else None,
-            "cost": transcript.cost if transcript else None,
-            "cost_currency": transcript.cost_currency if transcript else None,
             "side_overrides": dict(options.side_overrides),
             "received_at": now,
-            "delivery_state": "failed" if result.status == "failed" else "queued",
             "b24_transcript_id": None,
             "delivered_at": None,
         }
     )
     if result.status == "fetch":
-        fetch = {"kind": "fetch", "call_id": call.id, "event_id": event_id, "portal": None, "state": "pending"}
+        fetch = {
+            "kind": JobKind.FETCH,
+            "call_id": call.id,
+            "event_id": event_id,
+            "portal": None,
+            "state": JobState.PENDING,
+        }
         plan.fetches.append((len(plan.parts) - 1, fetch))
     elif result.status == "completed" and not call.attach_queued:
         # one attach sends the call's whole transcript (it reads every part); a leased one may
         # already have read the parts, so only a job not yet started can take this one too
-        _enqueue(plan, "attach", call, event_id, waiting=call.stage != "finished")
+        _enqueue(plan, JobKind.ATTACH, call, event_id, waiting=call.stage != "finished")
         call.attach_queued = True
 
 

@@ -2,7 +2,7 @@
 
 Each accepted event has an `apply` job, committed with it by the hook. The worker takes a batch of
 them, reads each stored raw body again with the same code the hook validated it with
-(`b24scribe.intake`), and folds the batch into its calls, transcripts and jobs with a few set-based
+(`b24scribe.parsing`), and folds the batch into its calls, transcripts and jobs with a few set-based
 statements (`b24scribe.fold`). On SQLite the bodies are read and parsed before the write
 transaction, so the database's one write lock (which the web's hooks wait for) is held only for
 the short writes; batches are sized so that each write stays short. On PostgreSQL a batch is
@@ -30,9 +30,10 @@ from sqlalchemy.orm import Session
 from b24scribe import outbox
 from b24scribe.db import Database
 from b24scribe.fold import Folding, Readable, fold_batch
-from b24scribe.intake import parse_call_event, parse_transcript, resolve_portal
 from b24scribe.models import InboundEvent, Job
+from b24scribe.parsing import parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 
 log = structlog.get_logger(__name__)
 BATCH = 10_000  # events taken per call of apply_pending at most (the time budget usually ends it first)
@@ -44,12 +45,14 @@ WRITE_SECONDS = 0.025
 FIRST_BATCH, MIN_BATCH, MAX_BATCH = 50, 8, 1000
 
 
-def read_event(settings: Settings, source: str, provider: str, body: bytes, query: dict[str, str]) -> Readable:
+def read_event(
+    settings: Settings, sources: Sources, source: str, provider: str, body: bytes, query: dict[str, str]
+) -> Readable:
     """Parse a stored event with the hooks' own code (raises ValidationError/KeyError if it can't be)."""
     portal = resolve_portal(settings, query)
     if source == "pbx":
-        return Readable(portal, parse_call_event(provider, body, query))
-    return Readable(portal, parse_transcript(provider, body, query))
+        return Readable(portal, parse_call_event(sources, provider, body, query))
+    return Readable(portal, parse_transcript(sources, provider, body, query))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +176,12 @@ def _load(session: Session, size: int, lock: bool) -> list[_Stored]:
     return loaded
 
 
-def _read(settings: Settings, stored: _Stored) -> _Taken:
+def _read(settings: Settings, sources: Sources, stored: _Stored) -> _Taken:
     """Parse a stored event again; an event that cannot be read says why."""
     try:
         if not stored.accepted or stored.source is None:
             raise LookupError(f"event {stored.event_id} is not an accepted event")
-        readable = read_event(settings, stored.source, stored.provider, stored.body, stored.query)
+        readable = read_event(settings, sources, stored.source, stored.provider, stored.body, stored.query)
     except (ValidationError, LookupError, KeyError) as error:
         reason = error.messages if isinstance(error, ValidationError) else str(error)
         return _Taken(stored.job_id, None, f"the stored event can no longer be read: {reason}")
@@ -247,7 +250,7 @@ def _fold_alone(db: Database, settings: Settings, one: _Taken) -> bool:
     return False
 
 
-def _fold_once(db: Database, settings: Settings, size: int) -> int:
+def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) -> int:
     """Take and fold one batch; how many apply jobs it took."""
     lock = not db.is_sqlite
     written = 0.0
@@ -258,7 +261,7 @@ def _fold_once(db: Database, settings: Settings, size: int) -> int:
                 stored = _load(session, size, lock=False)
             if not stored:
                 return 0
-            taken = [_read(settings, s) for s in stored]
+            taken = [_read(settings, sources, s) for s in stored]
             started = time.perf_counter()
             with db.write() as session:
                 due = _still_due(session, [t.job_id for t in taken], lock=False)
@@ -270,7 +273,7 @@ def _fold_once(db: Database, settings: Settings, size: int) -> int:
                 stored = _load(session, size, lock=True)
                 if not stored:
                     return 0
-                taken = [_read(settings, s) for s in stored]
+                taken = [_read(settings, sources, s) for s in stored]
                 started = time.perf_counter()
                 _fold_taken(session, taken, lock, time.time())
             written = time.perf_counter() - started
@@ -280,13 +283,15 @@ def _fold_once(db: Database, settings: Settings, size: int) -> int:
         # One event (or a passing failure) spoiled the batch: fold each event on its own.
         log.warning("folding a batch failed; folding its events one by one", events=len(stored), exc_info=True)
         for one in stored:
-            _fold_alone(db, settings, _read(settings, one))
+            _fold_alone(db, settings, _read(settings, sources, one))
         return len(stored)
     _batch_size.observe(size, len(taken), written)
     return len(taken)
 
 
-def apply_pending(db: Database, settings: Settings, limit: int = BATCH, budget_seconds: float = BUDGET_SECONDS) -> int:
+def apply_pending(
+    db: Database, settings: Settings, sources: Sources, limit: int = BATCH, budget_seconds: float = BUDGET_SECONDS
+) -> int:
     """Fold due stored events, oldest first, until none is due, `limit` are taken or the budget is spent.
 
     Returns how many apply jobs were taken. At least one batch is folded whatever the budget, and
@@ -295,7 +300,7 @@ def apply_pending(db: Database, settings: Settings, limit: int = BATCH, budget_s
     deadline = time.monotonic() + budget_seconds
     taken = 0
     while taken < limit:
-        folded = _fold_once(db, settings, min(_batch_size.events, limit - taken))
+        folded = _fold_once(db, settings, sources, min(_batch_size.events, limit - taken))
         taken += folded
         if folded == 0 or time.monotonic() >= deadline:
             break

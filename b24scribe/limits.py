@@ -22,7 +22,7 @@ from b24scribe.models import Call, TranscriptPart
 from b24scribe.transcript import CallReference, Segment, VendorResult
 
 if TYPE_CHECKING:
-    from b24scribe.ingest import CallEvent
+    from b24scribe.events import CallEvent
 
 
 def column_length(column: ColumnElement[Any]) -> int:

@@ -56,11 +56,11 @@ from b24scribe.bitrix24 import (
     ThrottledError,
     TransientError,
 )
-from b24scribe.models import InboundEvent, Job, TranscriptPart, WorkerHeartbeat
+from b24scribe.models import GAUGED_JOB_STATES, InboundEvent, Job, JobState, TranscriptPart, WorkerHeartbeat
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Gauged states: the open ones and the given-up ones (each an index range that stays small).
-JOB_STATES = ("waiting", "pending", "leased", "dead")
+JOB_STATES = GAUGED_JOB_STATES
 TRANSCRIPT_STATES = ("queued", "failed")
 HEARTBEAT_FRESH_SECONDS = 30.0
 
@@ -172,7 +172,7 @@ def bitrix24_request(method: str) -> Iterator[None]:
 def job_ran(kind: str, state: str) -> None:
     """Count a job execution by the state it left the job in (done, pending, waiting, dead)."""
     JOB_RUNS.labels(kind, state).inc()
-    if state == "dead":
+    if state == JobState.DEAD:
         JOBS_DEAD.labels(kind).inc()
 
 
@@ -211,10 +211,10 @@ def database_metrics(session: Session, now: float | None = None) -> list[Metric]
         "Outbox jobs open or given up, by state (dead: see `jobs list`; done ones: b24scribe_job_runs_total)",
         labels=["state"],
     )
-    for state in JOB_STATES:
-        jobs.add_metric([state], job_counts.get(state, 0))
+    for job_state in JOB_STATES:
+        jobs.add_metric([job_state.value], job_counts.get(job_state, 0))
     oldest_due = connection.execute(
-        select(func.min(Job.next_attempt_at)).where(Job.state == "pending", Job.next_attempt_at <= now)
+        select(func.min(Job.next_attempt_at)).where(Job.state == JobState.PENDING, Job.next_attempt_at <= now)
     ).scalar()
     due_age = GaugeMetricFamily(
         "b24scribe_oldest_due_job_age_seconds",

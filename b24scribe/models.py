@@ -1,7 +1,14 @@
-"""SQLAlchemy models: inbound events, calls, transcripts, the outbox, the ledger, pacing."""
+"""SQLAlchemy models: inbound events, calls, transcripts, the outbox, the ledger, pacing.
+
+The outbox's job kinds and states are defined here once (`JobKind`, `JobState`), with the tuples of
+states the metrics, retention, the admin API and the status page read. They are `StrEnum`s: a member
+equals the string stored in the column (which stays a plain string column, no data migration), so
+queries, JSON and tests may use either.
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +38,50 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class JobKind(StrEnum):
+    """What an outbox job does."""
+
+    REGISTER = "register"  # telephony.externalCall.register
+    FINISH = "finish"  # telephony.externalCall.finish
+    ATTACH = "attach"  # telephony.call.attachTranscription
+    FETCH = "fetch"  # GET a finished transcript from an STT vendor's API
+    APPLY = "apply"  # fold a stored event into its call (b24scribe.folding, never claimed one by one)
+
+
+class JobState(StrEnum):
+    """Where an outbox job is: waiting (blocked on its call) → pending → leased → done, or dead."""
+
+    WAITING = "waiting"
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+    DEAD = "dead"
+
+
+# Every state, in the order the admin API lists them.
+JOB_STATES: tuple[JobState, ...] = tuple(JobState)
+# Not finished yet: the job will still run (retention keeps what such a job reads).
+OPEN_JOB_STATES: tuple[JobState, ...] = (JobState.WAITING, JobState.PENDING, JobState.LEASED)
+# Queued and not yet claimed: an attach job in one of these states picks up a newer transcript by itself.
+QUEUED_JOB_STATES: tuple[JobState, ...] = (JobState.WAITING, JobState.PENDING)
+# Finished, one way or the other.
+CLOSED_JOB_STATES: tuple[JobState, ...] = (JobState.DONE, JobState.DEAD)
+# The states /metrics gauges and the status page counts: the open ones and the given-up ones (each an
+# index range that stays small; done jobs grow without bound and are counted as they happen).
+GAUGED_JOB_STATES: tuple[JobState, ...] = (JobState.WAITING, JobState.PENDING, JobState.LEASED, JobState.DEAD)
+
+
+class DeadReason(StrEnum):
+    """Why a job is dead (`Job.dead_reason`); the human text stays in `Job.last_error`."""
+
+    # the PBX never reported the attach job's call as finished: revived when it does (`outbox.revive_orphans`)
+    ORPHAN = "orphan"
+    # the retry schedule ran out (transient errors, or a job that failed unexpectedly every time)
+    RETRIES = "retries"
+    # a failure no retry can mend: Bitrix24 refused the request, no user, a purged transcript, …
+    PERMANENT = "permanent"
 
 
 class Base(DeclarativeBase):
@@ -147,13 +198,12 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # register | finish | attach | fetch
+    kind: Mapped[str] = mapped_column(String(16))  # a JobKind
     call_id: Mapped[int | None] = mapped_column(ForeignKey("call.id"))
     event_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_event.id"))
     transcript_id: Mapped[int | None] = mapped_column(ForeignKey("transcript.id"))
     portal: Mapped[str | None] = mapped_column(String(200))  # None: not paced (vendor fetch)
-    # waiting (blocked on its call) | pending | leased | done | dead
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # a JobState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
@@ -163,6 +213,9 @@ class Job(Base):
     # the last attempt's request went out and no answer came back: look before resending
     ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # a DeadReason while the job is dead (NULL otherwise, and for apply jobs the fold gave up on and
+    # jobs that died before migration 0004); the revive of orphans selects on it, not on last_error
+    dead_reason: Mapped[str | None] = mapped_column(String(16))
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what was (or would be) sent
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)

@@ -5,7 +5,8 @@ process, and the portal slot a job holds is its lease. Failure policy: fails ope
 delivery — a job whose worker stopped beating (`reclaim_dead_workers`, within seconds) or stopped
 renewing its lease (`reclaim_expired`) is returned to the queue, marked ambiguous since its
 request may have gone out, so a crash can delay a job but never lose it; the ledger and the
-look-up before a resend keep the re-run from attaching twice.
+look-up before a resend keep the re-run from attaching twice. A dead job says why in `Job.dead_reason`
+(a `DeadReason`: set where it dies, cleared when it is revived or replayed) and in words in `last_error`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from sqlalchemy.orm import Session
 
 from b24scribe import ratelimit
 from b24scribe.db import affected_rows
-from b24scribe.models import Call, Job, WorkerHeartbeat
+from b24scribe.models import OPEN_JOB_STATES, Call, DeadReason, Job, JobKind, JobState, WorkerHeartbeat
 from b24scribe.ratelimit import Pace
 from b24scribe.settings import DEFAULT_RETRY_SCHEDULE
 
 RETRY_SCHEDULE: Sequence[float] = DEFAULT_RETRY_SCHEDULE
 JITTER = 0.2
-OPEN_STATES = ("waiting", "pending", "leased")
+OPEN_STATES = OPEN_JOB_STATES  # the name callers import from here
 
 
 def retry_delay(
@@ -59,7 +60,7 @@ def enqueue(
         event_id=event_id,
         transcript_id=transcript_id,
         portal=portal,
-        state="waiting" if waiting else "pending",
+        state=JobState.WAITING if waiting else JobState.PENDING,
         attempts=0,
         next_attempt_at=now,
         created_at=now,
@@ -87,8 +88,8 @@ class Claim:
 
 
 def _due(now: float) -> tuple[ColumnElement[bool], ...]:
-    # apply jobs are folded in batches by b24scribe.inbox, not claimed one by one
-    return (Job.state == "pending", Job.next_attempt_at <= now, Job.kind != "apply")
+    # apply jobs are folded in batches by b24scribe.folding, not claimed one by one
+    return (Job.state == JobState.PENDING, Job.next_attempt_at <= now, Job.kind != JobKind.APPLY)
 
 
 def any_claimable(session: Session, pace: Pace, now: float | None = None) -> bool:
@@ -172,7 +173,7 @@ def claim_batch(
         update(Job)
         .where(Job.id.in_([c.job_id for c in chosen]))
         .values(
-            state="leased",
+            state=JobState.LEASED,
             lease_owner=owner,
             lease_worker=worker or owner,
             lease_expires_at=now + pace.lease_seconds,
@@ -192,7 +193,7 @@ def claim_next(
 
 def next_due_at(session: Session) -> float | None:
     """When the earliest pending job becomes due (a cheap read for idle workers)."""
-    return session.scalar(select(func.min(Job.next_attempt_at)).where(Job.state == "pending"))
+    return session.scalar(select(func.min(Job.next_attempt_at)).where(Job.state == JobState.PENDING))
 
 
 def leased_job(session: Session, claim: Claim) -> Job | None:
@@ -205,7 +206,7 @@ def leased_jobs(session: Session, claims: Sequence[Claim]) -> dict[int, Job]:
     if not claims:
         return {}
     owners = {claim.job_id: claim.owner for claim in claims}
-    query = select(Job).where(Job.id.in_(list(owners)), Job.state == "leased").order_by(Job.id)
+    query = select(Job).where(Job.id.in_(list(owners)), Job.state == JobState.LEASED).order_by(Job.id)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
     return {job.id: job for job in session.scalars(query) if job.lease_owner == owners[job.id]}
@@ -224,7 +225,7 @@ def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float
             select(Job.id)
             .where(
                 Job.id.in_([c.job_id for c in claims if c.owner == owner]),
-                Job.state == "leased",
+                Job.state == JobState.LEASED,
                 Job.lease_owner == owner,
             )
             .with_for_update(skip_locked=True)
@@ -250,7 +251,7 @@ def _release(job: Job) -> None:
 def complete(session: Session, job: Job, result: dict[str, object] | None, now: float) -> None:
     """The job is done."""
     _release(job)
-    job.state, job.result, job.ambiguous, job.last_error, job.updated_at = "done", result, False, None, now
+    job.state, job.result, job.ambiguous, job.last_error, job.updated_at = JobState.DONE, result, False, None, now
 
 
 def retry_later(
@@ -270,29 +271,29 @@ def retry_later(
     job.updated_at = now
     delay = retry_delay(job.attempts, rng, schedule)
     if delay is None:
-        job.state = "dead"
+        job.state, job.dead_reason = JobState.DEAD, DeadReason.RETRIES
         job.last_error = f"gave up after {job.attempts} attempts: {error}"
     else:
-        job.state = "pending"
+        job.state, job.dead_reason = JobState.PENDING, None
         job.next_attempt_at = now + delay
 
 
 def defer(session: Session, job: Job, until: float, reason: str, now: float) -> None:
     """Put the job back without spending an attempt (throttled, waiting its turn)."""
     _release(job)
-    job.state, job.next_attempt_at, job.last_error, job.updated_at = "pending", until, reason, now
+    job.state, job.next_attempt_at, job.last_error, job.updated_at = JobState.PENDING, until, reason, now
 
 
 def kill(session: Session, job: Job, error: str, now: float) -> None:
     """A permanent failure: the job is dead, with the reason, until someone replays it."""
     _release(job)
-    job.state, job.last_error, job.updated_at = "dead", error, now
+    job.state, job.dead_reason, job.last_error, job.updated_at = JobState.DEAD, DeadReason.PERMANENT, error, now
 
 
 def wait_for_call(session: Session, job: Job, reason: str, now: float) -> None:
     """Park the job until its call reaches the stage it needs (unblocked by `release_waiting`)."""
     _release(job)
-    job.state, job.last_error, job.updated_at, job.next_attempt_at = "waiting", reason, now, now
+    job.state, job.last_error, job.updated_at, job.next_attempt_at = JobState.WAITING, reason, now, now
 
 
 def release_waiting(session: Session, call_id: int, kind: str, now: float) -> None:
@@ -318,8 +319,8 @@ def run_releases(session: Session, now: float) -> int:
         released += affected_rows(
             session.connection().execute(
                 update(Job)
-                .where(Job.call_id.in_(sorted(call_ids)), Job.kind == kind, Job.state == "waiting")
-                .values(state="pending", next_attempt_at=now, updated_at=now, last_error=None)
+                .where(Job.call_id.in_(sorted(call_ids)), Job.kind == kind, Job.state == JobState.WAITING)
+                .values(state=JobState.PENDING, next_attempt_at=now, updated_at=now, last_error=None)
             )
         )
     if revive := sorted(session.info.pop("revive_orphans", set())):
@@ -328,18 +329,25 @@ def run_releases(session: Session, now: float) -> int:
                 update(Job)
                 .where(
                     Job.call_id.in_(revive),
-                    Job.kind == "attach",
-                    Job.state == "dead",
-                    Job.last_error.like("orphan:%"),
+                    Job.kind == JobKind.ATTACH,
+                    Job.state == JobState.DEAD,
+                    Job.dead_reason == DeadReason.ORPHAN,
                 )
-                .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now, last_error=None)
+                .values(
+                    state=JobState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    updated_at=now,
+                    last_error=None,
+                    dead_reason=None,
+                )
             )
         )
     return released
 
 
 # The stage a call must have reached for a waiting job of each kind to go ahead.
-READY_STAGES = {"finish": ("registered", "finished"), "attach": ("finished",)}
+READY_STAGES = {JobKind.FINISH: ("registered", "finished"), JobKind.ATTACH: ("finished",)}
 
 
 def release_overdue_waiting(
@@ -355,7 +363,7 @@ def release_overdue_waiting(
     query = (
         select(Job.id, Job.kind, Job.next_attempt_at, Call.stage)
         .join(Call, Call.id == Job.call_id)
-        .where(Job.state == "waiting")
+        .where(Job.state == JobState.WAITING)
         .order_by(Job.next_attempt_at, Job.id)
         .limit(limit)
     )
@@ -372,8 +380,8 @@ def release_overdue_waiting(
         released = affected_rows(
             session.execute(
                 update(Job)
-                .where(Job.id.in_(ready), Job.state == "waiting")
-                .values(state="pending", next_attempt_at=now, updated_at=now, last_error=None)
+                .where(Job.id.in_(ready), Job.state == JobState.WAITING)
+                .values(state=JobState.PENDING, next_attempt_at=now, updated_at=now, last_error=None)
                 .execution_options(synchronize_session=False)
             )
         )
@@ -383,7 +391,7 @@ def release_overdue_waiting(
 
 def _taken_back(now: float, reason: str) -> dict[str, object]:
     return {
-        "state": "pending",
+        "state": JobState.PENDING,
         "lease_owner": None,
         "lease_worker": None,
         "lease_expires_at": None,
@@ -400,7 +408,7 @@ def reclaim_expired(session: Session, now: float | None = None) -> int:
     return affected_rows(
         session.execute(
             update(Job)
-            .where(Job.state == "leased", Job.lease_expires_at < now)
+            .where(Job.state == JobState.LEASED, Job.lease_expires_at < now)
             .values(_taken_back(now, "the worker handling this job stopped; returned to the queue"))
         )
     )
@@ -423,7 +431,9 @@ def reclaim_dead_workers(
     if not dead:
         return 0
     reason = f"the worker handling this job stopped (no heartbeat for {dead_after:g} s); returned to the queue"
-    theirs = select(Job.id).where(Job.state == "leased", Job.lease_worker.in_(dead)).with_for_update(skip_locked=True)
+    theirs = (
+        select(Job.id).where(Job.state == JobState.LEASED, Job.lease_worker.in_(dead)).with_for_update(skip_locked=True)
+    )
     taken = affected_rows(
         session.execute(
             update(Job)
@@ -440,9 +450,10 @@ def replay(session: Session, job_id: int, now: float | None = None) -> Job | Non
     """Make a dead job due again with a fresh attempt count (admin API and CLI)."""
     now = time.time() if now is None else now
     job = session.get(Job, job_id)
-    if job is None or job.state != "dead":
+    if job is None or job.state != JobState.DEAD:
         return job
-    job.state, job.attempts, job.next_attempt_at, job.updated_at = "pending", 0, now, now
+    job.state, job.attempts, job.next_attempt_at, job.updated_at = JobState.PENDING, 0, now, now
+    job.dead_reason = None
     return job
 
 

@@ -1,9 +1,9 @@
 """From a hook's raw bytes and URL query to what the core stores: the parse step of every hook.
 
-The hooks (handlers/hooks.py) and `flask events replay` both call these functions, so a stored
-event replayed after a fix goes through exactly the code a new request would. Each raises
-marshmallow's ValidationError naming the bad fields; nothing here touches the request or the
-database.
+The hooks (handlers/hooks.py), the worker's fold and `flask events replay` all call these functions
+with the registry the app handed them, so a stored event replayed after a fix goes through exactly
+the code a new request would. Each raises marshmallow's ValidationError naming the bad fields;
+nothing here touches the request or the database.
 """
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ from urllib.parse import parse_qsl
 
 from marshmallow import ValidationError
 
-from b24scribe.ingest import CallEvent, TranscriptOptions
+from b24scribe.events import CallEvent, TranscriptOptions
+from b24scribe.limits import MAX_PORTAL_LENGTH, check_reference, id_problem
+from b24scribe.messages import check_attributable
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 from b24scribe.transcript import CallReference, Direction, Role, VendorResult
-from schemas.bitrix24 import check_attributable
-from schemas.limits import MAX_PORTAL_LENGTH, check_call_event, check_reference, id_problem
-from schemas.pbx_events import parse_asterisk, parse_generic_body
-from schemas.registry import STT_VENDORS
-
-# How each PBX sends its events: a JSON body, or form fields (in the body or the query).
-PBX_PARSERS = {"generic": "json", "asterisk": "form"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,22 +40,34 @@ def _one_of(query: Mapping[str, str], name: str, allowed: list[str]) -> str | No
     return value
 
 
+def channel_slot(query: Mapping[str, str]) -> int | None:
+    """`?channel=0|1` (contract §6.3): the recording holds only that channel of the call; None when
+    absent or empty (a URL template with nothing filled in). The hooks and every vendor's parser read
+    it here."""
+    value = (query.get("channel") or "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValidationError({"channel": ["Must be 0 or 1: the one channel of the call this recording holds."]})
+    return int(value)
+
+
 def transcript_options(query: Mapping[str, str]) -> TranscriptOptions:
     """`?channel=`, `?channel0=`, `?first_speaker=` and `?direction=` of a transcript callback URL."""
     roles = [r.value for r in Role]
-    channel = _one_of(query, "channel", ["0", "1"])
+    channel = channel_slot(query)
     overrides = {
         name: value for name in ("channel0", "first_speaker") if (value := _one_of(query, name, roles)) is not None
     }
     direction = _one_of(query, "direction", [d.value for d in Direction])
     return TranscriptOptions(
-        channel_slot=int(channel) if channel is not None else None,
+        channel_slot=channel,
         side_overrides=overrides,
         direction=Direction(direction) if direction else None,
     )
 
 
-def call_reference(query: Mapping[str, str], payload_reference: CallReference) -> CallReference:
+def call_reference(sources: Sources, query: Mapping[str, str], payload_reference: CallReference) -> CallReference:
     """The call named by the URL and/or the vendor's metadata; they must agree (contract §3.3)."""
     url = CallReference(
         pbx=query.get("pbx") or None,
@@ -80,12 +88,13 @@ def call_reference(query: Mapping[str, str], payload_reference: CallReference) -
         b24_call_id=url.b24_call_id or payload_reference.b24_call_id,
     )
     if merged.pbx is not None:
-        if merged.pbx not in PBX_PARSERS:
+        pbx = sources.pbx.get(merged.pbx)
+        if pbx is None:
             # accepted, its transcript would wait for a call no hook can ever report
             raise ValidationError(
-                {"pbx": [f"must be one of: {', '.join(PBX_PARSERS)} (the PBX hook that reports the call)"]}
+                {"pbx": [f"must be one of: {', '.join(sources.pbx)} (the PBX hook that reports the call)"]}
             )
-        if PBX_PARSERS[merged.pbx] == "form" and merged.pbx_call_id is not None:
+        if pbx.form and merged.pbx_call_id is not None:
             # a form PBX's hook strips its values, so its call " x " is "x": name it the same way
             merged = replace(merged, pbx_call_id=merged.pbx_call_id.strip() or None)
     if merged.b24_call_id is None:
@@ -98,12 +107,12 @@ def call_reference(query: Mapping[str, str], payload_reference: CallReference) -
     return merged
 
 
-def parse_transcript(vendor: str, body: bytes, query: Mapping[str, str]) -> ParsedTranscript:
+def parse_transcript(sources: Sources, vendor: str, body: bytes, query: Mapping[str, str]) -> ParsedTranscript:
     """Read a transcript callback of a registered vendor (KeyError for an unknown one)."""
-    adapter = STT_VENDORS[vendor]
+    adapter = sources.stt[vendor]
     options = transcript_options(query)
     result = adapter.parse(body, query)
-    reference = call_reference(query, result.reference)
+    reference = call_reference(sources, query, result.reference)
     if result.status == "completed" and result.transcript is not None:
         check_attributable(result.transcript)
     return ParsedTranscript(result, reference, options)
@@ -127,14 +136,15 @@ def parse_form(body: bytes) -> dict[str, str]:
     return form
 
 
-def parse_call_event(pbx: str, body: bytes, query: Mapping[str, str]) -> CallEvent:
-    """Read a PBX's call event (KeyError for an unknown PBX); form PBXs may send it in the query."""
-    if PBX_PARSERS[pbx] == "json":
-        # The hot path: its schema and fast path enforce all that check_call_event does (a test holds
-        # them to it), so the backstop for the other parsers is not paid twice here.
-        return parse_generic_body(body)
+def parse_call_event(sources: Sources, pbx: str, body: bytes, query: Mapping[str, str]) -> CallEvent:
+    """Read a PBX's call event (KeyError for an unknown PBX)."""
+    return sources.pbx[pbx].parse(body, query)
+
+
+def form_fields(body: bytes, query: Mapping[str, str]) -> dict[str, str]:
+    """A form PBX's fields: its form body, or (with no body) the query, without `token`."""
     form: Mapping[str, str] = parse_form(body) if body else query
-    return check_call_event(parse_asterisk({key: value for key, value in form.items() if key != "token"}))
+    return {key: value for key, value in form.items() if key != "token"}
 
 
 def resolve_portal(settings: Settings, query: Mapping[str, str]) -> str:

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Select, func, or_, select, union
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from b24scribe.db import upsert_insert
 from b24scribe.models import Job, PortalPacing
 
 THROTTLE_PAUSE_SECONDS = 5.0
@@ -105,9 +105,8 @@ def budgets(session: Session, portals: Iterable[str], now: float, pace: Pace, lo
         )
     if missing:
         # Two workers may meet a new portal at once: insert-or-nothing, then take whichever row won.
-        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
         session.execute(
-            insert(PortalPacing)
+            upsert_insert(session)(PortalPacing)
             .values(
                 [{"portal": p, "tokens": float(pace.burst), "refilled_at": now, "paused_until": 0.0} for p in missing]
             )

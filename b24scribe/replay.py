@@ -1,7 +1,7 @@
 """Replaying stored inbound events after a fix (`flask events replay`).
 
-A rejected event is parsed again by the functions the hooks use (b24scribe.intake) and, if it now
-passes, stored exactly as the hook would have stored it (ingest.accept_*): it gets a new event id,
+A rejected event is parsed again by the functions the hooks use (b24scribe.parsing) and, if it now
+passes, stored exactly as the hook would have stored it (events.store_event): it gets a new event id,
 and the old row is kept as `replayed` pointing at it. An accepted transcript is translated again in
 place and its call's attach is queued again; the attach ledger keeps an unchanged transcript from
 being sent twice, a changed one replaces the first in Bitrix24.
@@ -21,25 +21,24 @@ from sqlalchemy import select
 
 from b24scribe import outbox
 from b24scribe.db import Database
-from b24scribe.ingest import (
+from b24scribe.events import (
     CallEvent,
     Outcome,
     RawEvent,
     call_event_key,
+    part_values,
     queue_attach,
-    serialize_segments,
+    rejection_message,
     store_event,
     transcript_key,
 )
-from b24scribe.intake import ParsedTranscript, parse_call_event, parse_transcript, resolve_portal
+from b24scribe.folding import read_event
 from b24scribe.models import Call, InboundEvent, TranscriptPart
+from b24scribe.parsing import ParsedTranscript
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 
 REPLAYABLE_STATES = ("rejected", "replaying")
-REJECTION_MESSAGES = {
-    "stt": "the transcript cannot be processed: see fields",
-    "pbx": "the call event cannot be processed: see fields",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +77,9 @@ def _messages(error: ValidationError) -> dict[str, Any]:
     return error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
 
 
-def _parse(settings: Settings, raw: RawEvent) -> tuple[str, CallEvent | ParsedTranscript]:
-    portal = resolve_portal(settings, raw.query)
-    if raw.source == "pbx":
-        return portal, parse_call_event(raw.provider, raw.body, raw.query)
-    return portal, parse_transcript(raw.provider, raw.body, raw.query)
+def _parse(settings: Settings, sources: Sources, raw: RawEvent) -> tuple[str, CallEvent | ParsedTranscript]:
+    readable = read_event(settings, sources, raw.source, raw.provider, raw.body, raw.query)
+    return readable.portal, readable.content
 
 
 def _store(db: Database, raw: RawEvent, parsed: CallEvent | ParsedTranscript) -> Outcome:
@@ -91,7 +88,7 @@ def _store(db: Database, raw: RawEvent, parsed: CallEvent | ParsedTranscript) ->
     return store_event(db, raw, transcript_key(raw, parsed.result, parsed.options))
 
 
-def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:
+def replay_event(db: Database, settings: Settings, sources: Sources, event_id: int) -> Replayed:
     """Replay one stored event (see the module's docstring for what that means per state)."""
     with db.read() as session:
         event = session.get(InboundEvent, event_id)
@@ -101,22 +98,22 @@ def replay_event(db: Database, settings: Settings, event_id: int) -> Replayed:
             return Replayed(event_id, "skipped", "purged by retention: its body is no longer stored")
         raw, state, error = raw_event(event), event.state, dict(event.error or {})
     if state in REPLAYABLE_STATES:
-        return _replay_rejected(db, settings, event_id, raw)
+        return _replay_rejected(db, settings, sources, event_id, raw)
     if state == "replayed":
         return Replayed(event_id, "skipped", f"already replayed as event {error.get('replayed_as')}")
     if raw.source == "stt":
-        return _retranslate(db, settings, event_id, raw)
+        return _retranslate(db, settings, sources, event_id, raw)
     return Replayed(event_id, "skipped", "accepted call events were folded into their call; nothing to re-translate")
 
 
-def _replay_rejected(db: Database, settings: Settings, event_id: int, raw: RawEvent) -> Replayed:
+def _replay_rejected(db: Database, settings: Settings, sources: Sources, event_id: int, raw: RawEvent) -> Replayed:
     try:
-        _portal, parsed = _parse(settings, raw)  # an unknown ?portal= is still a rejection
+        _portal, parsed = _parse(settings, sources, raw)  # an unknown ?portal= is still a rejection
     except (KeyError, ValidationError) as error:
         fields = _messages(error) if isinstance(error, ValidationError) else {"_source": [f"unknown {raw.provider!r}"]}
         with db.write() as session:
             row = session.get_one(InboundEvent, event_id)
-            row.error = {**(row.error or {}), "message": REJECTION_MESSAGES[raw.source], "fields": fields}
+            row.error = {**(row.error or {}), "message": rejection_message(raw.source), "fields": fields}
         return Replayed(event_id, "rejected", f"still rejected: {field_summary(fields)}")
     with db.write() as session:
         # Free the event's dedupe key so the hook's own store can take it; remember it in case we stop.
@@ -142,9 +139,9 @@ def _replay_rejected(db: Database, settings: Settings, event_id: int, raw: RawEv
     return Replayed(event_id, "accepted", f"stored as event {outcome.event_id}", outcome.event_id)
 
 
-def _retranslate(db: Database, settings: Settings, event_id: int, raw: RawEvent) -> Replayed:
+def _retranslate(db: Database, settings: Settings, sources: Sources, event_id: int, raw: RawEvent) -> Replayed:
     try:
-        _portal, parsed = _parse(settings, raw)
+        _portal, parsed = _parse(settings, sources, raw)
     except (KeyError, ValidationError) as error:
         fields = _messages(error) if isinstance(error, ValidationError) else {"_source": [f"unknown {raw.provider!r}"]}
         return Replayed(
@@ -162,20 +159,14 @@ def _retranslate(db: Database, settings: Settings, event_id: int, raw: RawEvent)
         part.vendor_job_id = result.vendor_job_id
         part.channel_slot = parsed.options.channel_slot
         part.side_overrides = dict(parsed.options.side_overrides)
-        if result.status == "completed" and result.transcript is not None:
-            transcript = result.transcript
-            part.status, part.failure_reason, part.delivery_state = "completed", None, "queued"
-            part.granularity = transcript.granularity
-            part.segments = serialize_segments(transcript.segments)
-            part.cost, part.cost_currency = transcript.cost, transcript.cost_currency
+        for column, value in part_values(result).items():
+            setattr(part, column, value)
+        if part.status == "completed":
             queue_attach(session, call, event_id, now)
-            detail = f"translated again ({len(transcript.segments)} segments); attach queued"
-        elif result.status == "failed":
-            part.status, part.delivery_state = "failed", "failed"
-            part.failure_reason = result.failure_reason
+            detail = f"translated again ({len(part.segments or [])} segments); attach queued"
+        elif part.status == "failed":
             detail = "the vendor reports the transcript failed"
         else:
-            part.status, part.delivery_state = "fetching", "queued"
             outbox.enqueue(session, "fetch", call_id=call.id, event_id=event_id, transcript_id=part.id, now=now)
             detail = "fetch from the vendor queued"
     return Replayed(event_id, "retranslated", detail)

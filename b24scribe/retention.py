@@ -29,12 +29,11 @@ import structlog
 from sqlalchemy import null, select, tuple_, update
 
 from b24scribe.db import Database, affected_rows
-from b24scribe.models import InboundEvent, Job, TranscriptPart
+from b24scribe.models import CLOSED_JOB_STATES, OPEN_JOB_STATES, InboundEvent, Job, JobKind, TranscriptPart
 
 log = structlog.get_logger(__name__)
 SECONDS_PER_DAY = 86400.0
 BATCH = 100
-OPEN_JOB_STATES = ("waiting", "pending", "leased")
 # replaying: a replay stopped halfway, and its next run needs the body
 PURGEABLE_EVENT_STATES = ("accepted", "rejected", "replayed")
 
@@ -122,8 +121,8 @@ def _purge_batch(db: Database, before: float, after: Cursor, now: float, report:
                         update(Job)
                         .where(
                             Job.call_id.in_(calls),
-                            Job.kind == "attach",
-                            Job.state.in_(("done", "dead")),
+                            Job.kind == JobKind.ATTACH,
+                            Job.state.in_(CLOSED_JOB_STATES),
                         )
                         .values(request=null())
                     )

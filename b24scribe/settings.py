@@ -31,6 +31,8 @@ class Settings:
     bitrix24_portals: Mapping[str, str] = field(default_factory=dict)
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     bitrix24_timeout: float = 20.0
+    # seconds to wait for an STT vendor's API when fetching a finished transcript (not a Bitrix24 request)
+    vendor_timeout_seconds: float = 30.0
     inbound_token: str | None = None
     webhook_secret: str | None = None
     admin_token: str | None = None
@@ -188,6 +190,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         raise SettingsError(f"{PREFIX}WEBHOOK_SECRET: expected a Standard Webhooks secret starting with whsec_")
     numbers: dict[str, tuple[type[int] | type[float], float]] = {
         "BITRIX24_TIMEOUT": (float, 0.1),
+        "VENDOR_TIMEOUT_SECONDS": (float, 0.1),
         "DEFAULT_USER_ID": (int, 1),
         "MAX_BODY_BYTES": (int, 1024),
         "BODY_TIMEOUT_SECONDS": (float, 0.1),

@@ -1,6 +1,6 @@
 """The worker process: folds stored events and delivers jobs in turns, beats, sweeps, stops gracefully.
 
-Each claim loop takes turns: a fold pass bounded by time (`b24scribe.inbox`), then a batch of due
+Each claim loop takes turns: a fold pass bounded by time (`b24scribe.folding`), then a batch of due
 jobs claimed in one transaction and run one after another, so delivery never starves while events
 arrive. A heartbeat thread of its own (it never waits behind a request) marks the process alive,
 renews its leases and takes back the jobs and portal slots of workers whose heartbeats stopped.
@@ -27,15 +27,15 @@ from types import FrameType
 
 import structlog
 from sqlalchemy import update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from b24scribe import inbox, metrics, outbox, retention
-from b24scribe.db import Database, affected_rows
+from b24scribe import folding, metrics, outbox, retention
+from b24scribe.db import Database, affected_rows, upsert_insert
 from b24scribe.delivery import Deliverer, database_unavailable, pace_from
-from b24scribe.models import Call, Job, WorkerHeartbeat
+from b24scribe.models import Call, DeadReason, Job, JobKind, JobState, WorkerHeartbeat
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 
 log = structlog.get_logger(__name__)
 
@@ -55,15 +55,16 @@ BACKOFF_MAX_SECONDS = 2.0  # the longest pause between tries while the database 
 class Worker:
     """One worker process; `threads` claim loops share it and its B24SCRIBE_WORKER_SENDERS sender threads."""
 
-    def __init__(self, db: Database, settings: Settings, threads: int = 1) -> None:
+    def __init__(self, db: Database, settings: Settings, sources: Sources, threads: int = 1) -> None:
         self.db = db
         self.settings = settings
+        self.sources = sources
         self.threads = threads
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.deliverer = Deliverer.from_settings(db, settings, sources)
         self.pace = pace_from(settings)
-        if settings.dry_run:  # nothing is ever in flight: a portal's slots do not bound a batch
+        if self.deliverer.dry_run:  # nothing is ever in flight: a portal's slots do not bound a batch
             self.pace = dataclasses.replace(self.pace, concurrency=max(self.pace.concurrency, CLAIM_BATCH))
-        self.deliverer = Deliverer.from_settings(db, settings)
         self.stopping = threading.Event()
         # The heartbeat outlives `stopping`: jobs still in flight after SIGTERM keep their leases.
         self._beat_stop = threading.Event()
@@ -125,7 +126,7 @@ class Worker:
     def fold(self) -> int:
         """Fold stored events for about FOLD_SECONDS; a fold that fails never stops delivery."""
         try:
-            return inbox.apply_pending(self.db, self.settings, budget_seconds=FOLD_SECONDS)
+            return folding.apply_pending(self.db, self.settings, self.sources, budget_seconds=FOLD_SECONDS)
         except Exception as error:
             if database_unavailable(error):
                 raise
@@ -242,7 +243,7 @@ class Worker:
         return taken
 
     def _mark_alive(self, session: Session, now: float) -> None:
-        insert = postgresql.insert if not self.db.is_sqlite else sqlite.insert
+        insert = upsert_insert("sqlite" if self.db.is_sqlite else "postgresql")
         session.execute(
             insert(WorkerHeartbeat)
             .values(worker_id=self.worker_id, seen_at=now, started_at=self._started_at)
@@ -269,16 +270,18 @@ class Worker:
                 session.execute(
                     update(Job)
                     .where(
-                        Job.kind == "attach",
-                        Job.state == "waiting",
+                        Job.kind == JobKind.ATTACH,
+                        Job.state == JobState.WAITING,
                         Job.created_at < now - self.settings.orphan_after_seconds,
                         Job.call_id.in_(
                             Call.__table__.select().with_only_columns(Call.id).where(Call.stage != "finished")
                         ),
                     )
                     .values(
-                        state="dead",
+                        state=JobState.DEAD,
+                        dead_reason=DeadReason.ORPHAN,
                         updated_at=now,
+                        # the words are for people; the revive selects on dead_reason
                         last_error=(
                             f"orphan: the PBX did not report this call as finished within "
                             f"{self.settings.orphan_after_seconds / 3600:g} h; the transcript is kept and is sent "
@@ -287,7 +290,7 @@ class Worker:
                     )
                 )
             )
-        metrics.jobs_died("attach", orphaned)
+        metrics.jobs_died(JobKind.ATTACH, orphaned)
         self.release_overdue_waiting(now)
         if reclaimed or orphaned:
             log.warning("housekeeping", reclaimed_leases=reclaimed, orphaned_transcripts=orphaned)
@@ -352,7 +355,7 @@ class Worker:
 
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
-        log.info("worker started", worker_id=self.worker_id, threads=self.threads, dry_run=self.settings.dry_run)
+        log.info("worker started", worker_id=self.worker_id, threads=self.threads, dry_run=self.deliverer.dry_run)
         try:
             self.beat()  # seen before its first claim, so its leases can be taken back if it dies
         except Exception:

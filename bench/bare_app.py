@@ -3,9 +3,9 @@
 
 Served exactly like the real app (`gunicorn 'bench.bare_app:create_app()' --config gunicorn.conf.py`:
 gevent, 2 workers, the same access log), so the ratio app / bare is what the service's
-own work (authentication, validation, the durable commit) costs. The app's hooks skip Flask's
-dispatch (handlers/hooks.HookLane), so the bench also reports how far the app is from gunicorn
-serving a plain WSGI callable (`bench.bare_app:create_wsgi_app()`).
+own work (authentication, validation, the durable commit) costs. The app's hooks are a WSGI
+application of their own beside Flask (handlers/hooks.HookApp), so the bench also reports how far
+the app is from gunicorn serving a plain WSGI callable (`bench.bare_app:create_wsgi_app()`).
 """
 
 from __future__ import annotations

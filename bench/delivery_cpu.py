@@ -4,7 +4,7 @@ Two modes. Dry run: calls spread over many portals each get a register job and a
 waiting for it (what folding a finished call queues); a worker in this process drains them and
 nothing is sent, so what is measured is claiming, executing and recording. Sending: every call
 also has a transcript and an attach job waiting for the finish, and each request really goes to
-a fake Bitrix24 in a process of its own (tests/fake_bitrix24.py, several portals, no limits), so
+a fake Bitrix24 in a process of its own (fake_bitrix24/, several portals, no limits), so
 the HTTP client and the sender threads are paid for too. The bucket is lifted in both, so pacing
 never makes the worker wait. Printed: CPU ms per job (this process's user + system time over the
 drain, divided by the jobs run; the fake's CPU is its own process's) and jobs/s, per backend and
@@ -45,6 +45,7 @@ from b24scribe.models import Call, InboundEvent, Job, TranscriptPart  # noqa: E4
 from b24scribe.settings import Settings  # noqa: E402
 from b24scribe.worker import Worker  # noqa: E402
 from bench.fault_run import backends, fresh_database  # noqa: E402
+from schemas.registry import SOURCES  # noqa: E402
 
 TARGET_MS = 2.0
 
@@ -131,8 +132,8 @@ def queue_calls(
 
 @contextmanager
 def fake_bitrix24(portals: int) -> Iterator[dict[str, str]]:
-    """`python -m tests.fake_bitrix24` in a process of its own (its CPU is not ours): portal → webhook URL."""
-    argv = [sys.executable, "-m", "tests.fake_bitrix24", "--port", "0", "--portals", str(portals)]
+    """`python -m fake_bitrix24` in a process of its own (its CPU is not ours): portal → webhook URL."""
+    argv = [sys.executable, "-m", "fake_bitrix24", "--port", "0", "--portals", str(portals)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -170,7 +171,7 @@ def measure(
         try:
             sending = mode == "sending"
             queued = queue_calls(db, calls, list(urls) or portals, attach=sending, user_id=1 if sending else None)
-            worker = Worker(db, settings)
+            worker = Worker(db, settings, SOURCES)
             profiler = _profiler(profile)
             cpu, wall = time.process_time(), time.perf_counter()
             worker.drain(timeout=600)

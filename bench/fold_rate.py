@@ -2,7 +2,7 @@
 
 Fills a fresh database with stored PBX events and transcripts exactly as the hooks store them
 (the app's own hooks, through Flask's test client, several requests at once so they group-commit
-as under load), then times `inbox.apply_pending` until nothing is left to fold, and checks what it
+as under load), then times `folding.apply_pending` until nothing is left to fold, and checks what it
 built: one call per PBX call, one transcript per callback, a register, a finish and an attach job
 per call. Every call gets `call.started`, then `call.finished`, then its transcript; the stored
 order is shuffled a little, so some transcripts arrive before their call's events, as they do.
@@ -35,12 +35,13 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
 from sqlalchemy import create_engine, func, select, text
 
 from app import create_app
-from b24scribe import inbox
+from b24scribe import folding
 from b24scribe.db import Database
 from b24scribe.migrate import upgrade
 from b24scribe.models import Call, Job, TranscriptPart
 from b24scribe.settings import Settings
 from bench.common import Row, generic_transcript, main_for, pbx_event, percentile, row
+from schemas.registry import SOURCES
 
 SQLITE_TARGET = 2000.0  # events/s
 POSTGRES_TARGET = 500.0  # events/s per worker
@@ -103,7 +104,7 @@ def fold_all(db: Database, settings: Settings, writes: list[tuple[int, float]]) 
     Each batch's write transaction (how long the hooks wait for the SQLite write lock at most) is
     recorded in `writes` as the batch sizer sees it.
     """
-    sizer = inbox._batch_size
+    sizer = folding._batch_size
     observe = sizer.observe
 
     def recording(asked: int, events: int, seconds: float) -> None:
@@ -113,7 +114,7 @@ def fold_all(db: Database, settings: Settings, writes: list[tuple[int, float]]) 
     sizer.observe = recording  # type: ignore[method-assign]
     folded, started = 0, time.perf_counter()
     try:
-        while taken := inbox.apply_pending(db, settings):
+        while taken := folding.apply_pending(db, settings, SOURCES):
             folded += taken
     finally:
         sizer.observe = observe  # type: ignore[method-assign]

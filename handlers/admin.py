@@ -20,12 +20,12 @@ from sqlalchemy.orm import Session
 from b24scribe import outbox
 from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
 from b24scribe.db import Database
-from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
+from b24scribe.limits import MAX_B24_CALL_ID_LENGTH, MAX_PBX_LENGTH, id_problem
+from b24scribe.models import JOB_STATES, Call, InboundEvent, Job, TranscriptPart
 from b24scribe.replay import field_summary
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
 from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, EventSchema, JobListSchema, JobSchema
-from schemas.limits import MAX_B24_CALL_ID_LENGTH, MAX_PBX_LENGTH, id_problem
 
 bp = Blueprint(
     "admin",
@@ -33,7 +33,6 @@ bp = Blueprint(
     url_prefix="/v1",
     description="Calls, the outbox and replay, for integrators. Authorization: Bearer <B24SCRIBE_ADMIN_TOKEN>.",
 )
-JOB_STATES = ("waiting", "pending", "leased", "done", "dead")
 # The largest id a row can have (a signed 64-bit integer on SQLite and PostgreSQL): a path id above it
 # is a 404 like any other id no row has, not an overflow in the database driver.
 MAX_ROW_ID = 2**63 - 1

@@ -18,6 +18,7 @@ from b24scribe.db import Database
 from b24scribe.models import InboundEvent, Job
 from b24scribe.replay import field_summary, rejected_event_ids, replay_event
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 from b24scribe.worker import Worker
 from handlers.admin import displayable
 
@@ -32,6 +33,11 @@ def _db() -> Database:
     return db
 
 
+def _sources() -> Sources:
+    sources: Sources = current_app.extensions["b24scribe.sources"]
+    return sources
+
+
 @click.command("worker")
 @click.option("--threads", default=1, show_default=True, help="claim loops in this process")
 @click.option("--migrate/--no-migrate", "run_migrations", default=False, help="upgrade the database first")
@@ -41,7 +47,7 @@ def worker_command(threads: int, run_migrations: bool) -> None:
         migrate.upgrade(_settings().database_url)
     # Counters go where the web processes' /metrics merges them (see b24scribe.metrics).
     metrics.prepare_multiprocess_dir(_settings().database_url)
-    Worker(_db(), _settings(), threads=threads).run_forever()
+    Worker(_db(), _settings(), _sources(), threads=threads).run_forever()
 
 
 db_group = AppGroup("db", help="Database schema.")
@@ -120,7 +126,7 @@ def calls_show(reference: str, pbx: str | None) -> None:
 def check_command() -> None:
     """Check settings, the database schema and every Bitrix24 portal; exit 1 on any problem."""
     logging.getLogger("alembic.runtime.migration").setLevel("WARNING")  # only our findings on the terminal
-    findings = run_checks(_settings(), _db())
+    findings = run_checks(_settings(), _db(), _sources())
     for finding in findings:
         click.echo(finding.line(), err=finding.level == "problem")
     if has_problems(findings):
@@ -163,7 +169,7 @@ def events_replay(event_ids: tuple[int, ...], all_rejected: bool, source: str | 
     if not event_ids and not all_rejected:
         raise click.UsageError("name event ids or pass --rejected")
     ids = list(event_ids) or rejected_event_ids(_db(), source, provider)
-    outcomes = [replay_event(_db(), _settings(), event_id) for event_id in ids]
+    outcomes = [replay_event(_db(), _settings(), _sources(), event_id) for event_id in ids]
     for outcome in outcomes:
         click.echo(outcome.line())
     counted: dict[str, int] = {}

@@ -26,6 +26,7 @@ from b24scribe import metrics
 from b24scribe.db import Database
 from b24scribe.models import Job, WorkerHeartbeat
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 from handlers.errors import ApiError
 from handlers.openapi import METRICS_SECURITY, NO_SECURITY, ErrorSchema, LivenessSchema, ReadinessSchema
 
@@ -143,6 +144,21 @@ def readyz() -> tuple[Response, int]:
     return jsonify({"status": status, "checks": checks}), 200 if ready else 503
 
 
+_declared: set[tuple[str, str]] = set()
+
+
+def _declare_sources() -> None:
+    """Every source of the registry has its series from the start, at 0 (a dashboard sees a source
+    that never sent anything). Declared when scraped, in the process that serves /metrics: by then
+    gunicorn has set up the shared metrics directory, which a process creating the app may not have."""
+    sources: Sources = current_app.extensions["b24scribe.sources"]
+    for kind, name in sources.labels():
+        if (kind, name) not in _declared:
+            for outcome in ("accepted", "duplicate", "rejected"):
+                metrics.EVENTS_RECEIVED.labels(kind, name, outcome)
+            _declared.add((kind, name))
+
+
 @bp.get("/metrics")
 @bp.alt_response(401, schema=ErrorSchema, description="B24SCRIBE_METRICS_TOKEN is set and was not sent, or is wrong")
 @bp.doc(
@@ -159,6 +175,7 @@ def metrics_view() -> Response:
     """Prometheus metrics (Bearer B24SCRIBE_METRICS_TOKEN when it is set)."""
     if not _metrics_access():
         _refuse_wrong_token()
+    _declare_sources()
     try:
         with _db().read() as session:
             body = metrics.render(session)

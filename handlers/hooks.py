@@ -1,7 +1,11 @@
 """`POST /hooks/stt/<vendor>` and `POST /hooks/pbx/<pbx>`: authenticate, validate, store, answer.
 
-The blueprint declares both routes; `HookLane` (installed by `app.register_middleware`) serves them
-without Flask's dispatch, running the same receivers.
+The hooks are one small WSGI application, `HookApp`, whose route table is the registry of sources
+(b24scribe/sources.py): `app.py` mounts it at `/hooks` beside Flask (werkzeug's
+DispatcherMiddleware), and nothing else serves those paths. They are the service's hot path (every
+call event of every PBX), and Flask's per-request work (contexts, URL matching, signals, response
+objects) was a fifth of a PBX event's CPU under load; `handlers/openapi.py` documents the routes from
+the same registry.
 
 A hostile sender meets, in order (docs/security.md): at most 200 query fields; its credentials
 checked before a byte of its body is read (only a signature over the body reads the body first);
@@ -19,54 +23,41 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import structlog
-from flask import Flask, Response, current_app, request
-from flask_smorest import Blueprint
 from gevent import monkey
 from marshmallow import ValidationError
-from werkzeug.exceptions import InternalServerError
+from werkzeug.exceptions import InternalServerError, MethodNotAllowed, NotFound
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request
 
 from b24scribe.db import Database
-from b24scribe.inbound_auth import (
-    STANDARD_WEBHOOK_HEADERS,
-    Authenticated,
-    AuthFailure,
-    authenticate_before_body,
-    authenticate_signed_body,
+from b24scribe.events import (
+    EVENT_NOUNS,
+    Outcome,
+    RawEvent,
+    call_event_key,
+    rejection_message,
+    store_event,
+    store_rejected,
+    transcript_key,
 )
-from b24scribe.ingest import Outcome, RawEvent, call_event_key, store_event, store_rejected, transcript_key
-from b24scribe.intake import MAX_FORM_FIELDS, PBX_PARSERS, parse_call_event, parse_transcript, resolve_portal
+from b24scribe.inbound_auth import Authenticated, AuthFailure, HookRequest, authenticate_before_body
 from b24scribe.metrics import Metrics
+from b24scribe.parsing import MAX_FORM_FIELDS, parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
+from b24scribe.sources import Kind, PbxSource, Source, Sources
 from handlers.errors import BODY_ERRORS, ApiError, answer_error, bounded_fields, unreadable_body_message
-from handlers.openapi import document_pbx_hook, document_stt_hook
-from schemas.registry import STT_VENDORS
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger(__name__)
 _debug_log = logging.getLogger(__name__)  # the stdlib logger behind `log`: one level check per event
-bp = Blueprint(
-    "hooks",
-    __name__,
-    url_prefix="/hooks",
-    description="Inbound webhooks from PBXs and speech-to-text vendors. Every hook authenticates before anything "
-    "is stored; a 2xx answer means the event is durably stored.",
-)
-
-STANDARD_WEBHOOK_SOURCES = {"generic"}
-# (header, its WSGI environ key): read straight from the environ on every hook request
-CREDENTIAL_HEADERS = tuple(
-    (name, "HTTP_" + name.upper().replace("-", "_")) for name in ("authorization", *STANDARD_WEBHOOK_HEADERS)
-)
 
 # Body limits per route (contract §12): a PBX event is a few hundred bytes, so 64 KiB is generous and
 # keeps a hostile sender from making the hot path read megabytes; a transcript may be long.
@@ -90,9 +81,21 @@ class Stored:
     status: int
     body: bytes
 
-    def response(self) -> Response:
-        """As a Flask response (the views' way out)."""
-        return Response(self.body, self.status, content_type="application/json")
+
+class _Headers:
+    """A request's headers by name, read straight from the WSGI environ (no copy, no exceptions)."""
+
+    __slots__ = ("_environ",)
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, /) -> str | None:
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        value: str | None = self._environ.get(key)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +107,20 @@ class _Hook:
     settings: Settings
     db: Database
     metrics: Metrics
-    source: str
-    provider: str
+    sources: Sources
+    described: Source  # the source this route serves
+
+    @property
+    def source(self) -> Kind:
+        return self.described.kind
+
+    @property
+    def provider(self) -> str:
+        return self.described.name
 
     @classmethod
-    def of(cls, request: Request, extensions: dict[str, Any], source: str, provider: str) -> _Hook:
-        """The hook of this request, with the services in the app's `extensions` (400: too many query fields)."""
+    def of(cls, request: Request, services: _Services, described: Source) -> _Hook:
+        """The hook of this request, with the app's services (400: too many query fields)."""
         query: str = request.environ.get("QUERY_STRING", "")
         if query and (count := query.count("&") + 1) > MAX_FIELDS:  # how parse_qsl counts them
             problem = f"the query has {count} fields; at most {MAX_FIELDS} are read"
@@ -117,11 +128,11 @@ class _Hook:
         return cls(
             request,
             request.args.to_dict() if query else {},
-            extensions["b24scribe.settings"],
-            extensions["b24scribe.db"],
-            extensions["b24scribe.metrics"],
-            source,
-            provider,
+            services.settings,
+            services.db,
+            services.metrics,
+            services.sources,
+            described,
         )
 
     def body(self, limit: int) -> bytes:
@@ -166,32 +177,36 @@ class _Hook:
             message = f"the body is larger than the limit of {limit} bytes (B24SCRIBE_MAX_BODY_BYTES)"
         return ApiError(413, "body_too_large", message)
 
-    def credential_headers(self, vendor_header: str | None) -> dict[str, str]:
-        """Only the headers a credential can be in (copying all of them is most of the cost of auth)."""
-        environ = self.request.environ
-        found = {name: value for name, key in CREDENTIAL_HEADERS if (value := environ.get(key)) is not None}
-        if vendor_header and (value := self.request.headers.get(vendor_header)) is not None:
-            found[vendor_header] = value
-        return found
-
-    def authenticate(self, limit: int, vendor_header: str | None = None) -> tuple[Authenticated, bytes]:
+    def authenticate(self, limit: int) -> tuple[Authenticated, bytes]:
         """Authenticate, then read the body: a credential in the headers or the query is checked before
         a byte of it is read; only a signature over the body reads it first, at most `limit` (contract §12)."""
-        headers = self.credential_headers(vendor_header)
+        described = self.described
+        environ = self.request.environ
+        hook_request = HookRequest(
+            environ["REQUEST_METHOD"], _Headers(environ), self.args, environ, self.settings.public_url
+        )
         try:
-            auth = authenticate_before_body(
+            found = authenticate_before_body(
                 self.settings,
-                headers,
-                self.args,
-                vendor_header=vendor_header,
-                standard_webhooks=self.provider in STANDARD_WEBHOOK_SOURCES,
+                hook_request,
+                described.name,
+                vendor_header=described.auth_header,
+                signatures=described.signatures,
             )
             body = self.body(limit)
-            if auth is None:
-                auth = authenticate_signed_body(self.settings, headers, body)
+            auth = (
+                found
+                if isinstance(found, Authenticated)
+                else found.verify(hook_request, body, self.settings, described.name)
+            )
         except AuthFailure as failure:
             self.metrics.rejected(self.source, self.provider, failure.code)
             raise ApiError(failure.status, failure.code, failure.message) from None
+        if auth.delivery_id is None and described.delivery_header:
+            # the source's own delivery id (a retry carries the same one): the event's dedupe key
+            delivery_id = environ.get("HTTP_" + described.delivery_header.upper().replace("-", "_"))
+            if delivery_id:
+                auth = Authenticated(auth.scheme, delivery_id)
         return auth, body
 
     def raw_event(self, body: bytes, auth: Authenticated) -> RawEvent:
@@ -227,12 +242,13 @@ class _Hook:
         self.metrics.received(raw.source, raw.provider, "rejected")
         return ApiError(422, "invalid_payload", message, {**fields, "event_id": outcome.event_id})
 
-    def unreadable(self, raw: RawEvent, what: str) -> ApiError:
+    def unreadable(self, raw: RawEvent) -> ApiError:
         """A parser raised something other than ValidationError: a bug, logged with its traceback.
         Fails closed but keeps the event: a 4xx, never a 500 (contract §12), stored as rejected for replay."""
         log.exception("a hook's parser failed", source=self.source, provider=self.provider)
+        what = EVENT_NOUNS[raw.source]
         fields = {"_body": [f"this version cannot read the {what}; it is kept and can be replayed after a fix"]}
-        return self.reject(raw, fields, f"the {what} cannot be processed: see fields")
+        return self.reject(raw, fields, rejection_message(raw.source))
 
 
 def _read_within(environ: dict[str, Any], seconds: float, length: int | None, limit: int) -> bytes:
@@ -355,131 +371,109 @@ def _field_errors(error: ValidationError) -> dict[str, Any]:
     return error.messages if isinstance(error.messages, dict) else {"_body": error.messages}
 
 
-def receive_transcript(hook: _Hook, vendor: str) -> Stored:
-    """Authenticate, validate, store and answer a transcript callback (both ways in call this)."""
-    adapter = STT_VENDORS.get(vendor)
-    if adapter is None:
-        raise ApiError(404, "unknown_vendor", f"no STT vendor {vendor!r}; known: {', '.join(sorted(STT_VENDORS))}")
-    auth, body = hook.authenticate(hook.settings.max_body_bytes, adapter.auth_header)
+def receive(hook: _Hook) -> Stored:
+    """Authenticate, validate, store and answer one hook request, for any source."""
+    described = hook.described
+    pbx = isinstance(described, PbxSource)
+    limit = min(PBX_MAX_BODY_BYTES, hook.settings.max_body_bytes) if pbx else hook.settings.max_body_bytes
+    auth, body = hook.authenticate(limit)
     raw = hook.raw_event(body, auth)
     args = hook.args
+    if isinstance(described, PbxSource) and described.form and (count := body.count(b"&") + 1) > MAX_FIELDS:
+        fields = {"_body": [f"the form has {count} fields; at most {MAX_FIELDS} are read"]}
+        raise hook.reject(raw, fields, rejection_message(raw.source))
     try:
         resolve_portal(hook.settings, args)  # an unknown ?portal= is a 422 now, not a dead job later
-        parsed = parse_transcript(vendor, body, args)
+        if pbx:
+            event = parse_call_event(hook.sources, described.name, body, args)
+            key = call_event_key(raw, event.call_id)
+        else:
+            parsed = parse_transcript(hook.sources, described.name, body, args)
+            key = transcript_key(raw, parsed.result, parsed.options)
     except ValidationError as error:
-        raise hook.reject(raw, _field_errors(error), "the transcript cannot be processed: see fields") from None
+        raise hook.reject(raw, _field_errors(error), rejection_message(raw.source)) from None
     except Exception:
-        raise hook.unreadable(raw, "transcript") from None
-    outcome = store_event(hook.db, raw, transcript_key(raw, parsed.result, parsed.options))
-    return hook.answer(outcome)
-
-
-def receive_call_event(hook: _Hook, pbx: str) -> Stored:
-    """Authenticate, validate, store and answer a PBX call event (both ways in call this)."""
-    if pbx not in PBX_PARSERS:
-        raise ApiError(404, "unknown_pbx", f"no PBX {pbx!r}; known: {', '.join(sorted(PBX_PARSERS))}")
-    auth, body = hook.authenticate(min(PBX_MAX_BODY_BYTES, hook.settings.max_body_bytes))
-    raw = hook.raw_event(body, auth)
-    args = hook.args
-    if PBX_PARSERS[pbx] == "form" and (count := body.count(b"&") + 1) > MAX_FIELDS:
-        fields = {"_body": [f"the form has {count} fields; at most {MAX_FIELDS} are read"]}
-        raise hook.reject(raw, fields, "the call event cannot be processed: see fields")
-    try:
-        resolve_portal(hook.settings, args)
-        event = parse_call_event(pbx, body, args)
-    except ValidationError as error:
-        raise hook.reject(raw, _field_errors(error), "the call event cannot be processed: see fields") from None
-    except Exception:
-        raise hook.unreadable(raw, "call event") from None
-    structlog.contextvars.bind_contextvars(pbx=pbx, pbx_call_id=event.call_id)
-    return hook.answer(store_event(hook.db, raw, call_event_key(raw, event.call_id)))
-
-
-def serve(
-    request: Request, extensions: dict[str, Any], source: str, name: str, receive: Callable[[_Hook, str], Stored]
-) -> Stored:
-    """One hook request, either way in: an answer given before its body was read closes the connection,
-    and a request refused at the edge is counted by its reason."""
-    try:
-        return receive(_Hook.of(request, extensions, source, name), name)
-    except ApiError as error:
-        if error.code in _EDGE_REFUSALS and name in (PBX_PARSERS if source == "pbx" else STT_VENDORS):
-            extensions["b24scribe.metrics"].rejected(source, name, error.code)  # bounded: known names only
-        _close_unless_read(request.environ)
-        raise
-    except BaseException:
-        _close_unless_read(request.environ)
-        raise
+        raise hook.unreadable(raw) from None
+    if pbx:
+        structlog.contextvars.bind_contextvars(pbx=described.name, pbx_call_id=event.call_id)
+    return hook.answer(store_event(hook.db, raw, key))
 
 
 # Refusals of a request's form, before anything is stored (authentication failures are counted where
 # they are decided, `_Hook.authenticate`)
 _EDGE_REFUSALS = frozenset({"too_many_fields", "body_too_large", "body_timeout", "unreadable_body"})
+_UNKNOWN = {"pbx": ("unknown_pbx", "PBX"), "stt": ("unknown_vendor", "STT vendor")}
 
 
-@bp.post("/stt/<vendor>")
-@document_stt_hook(bp)
-def stt_hook(vendor: str) -> Response:
-    """A transcript callback from an STT vendor (or our generic format)."""
-    current: Request = request._get_current_object()  # type: ignore[attr-defined]  # once, not per attribute
-    return serve(current, current_app.extensions, "stt", vendor, receive_transcript).response()
+@dataclass(frozen=True, slots=True)
+class _Services:
+    """What every hook request works with: the app's settings, database, metrics and sources."""
+
+    settings: Settings
+    db: Database
+    metrics: Metrics
+    sources: Sources
 
 
-@bp.post("/pbx/<pbx>")
-@document_pbx_hook(bp)
-def pbx_hook(pbx: str) -> Response:
-    """A call life-cycle event from a PBX."""
-    current: Request = request._get_current_object()  # type: ignore[attr-defined]  # once, not per attribute
-    return serve(current, current_app.extensions, "pbx", pbx, receive_call_event).response()
+class HookApp:
+    """The hooks as a WSGI application mounted at `/hooks`: `POST /pbx/<name>` and `POST /stt/<name>`
+    for every source in the registry, answered in the service's one error shape.
 
-
-_RECEIVERS: dict[str, tuple[str, Callable[[_Hook, str], Stored], Container[str]]] = {
-    "/hooks/pbx/": ("pbx", receive_call_event, PBX_PARSERS),
-    "/hooks/stt/": ("stt", receive_transcript, STT_VENDORS),
-}
-_PREFIX_LENGTH = len("/hooks/pbx/")
-assert {len(prefix) for prefix in _RECEIVERS} == {_PREFIX_LENGTH}  # one slice finds the receiver
-
-
-class HookLane:
-    """WSGI middleware: serves `POST /hooks/pbx/<known PBX>` and `POST /hooks/stt/<known vendor>`
-    without Flask's request dispatch; every other request goes on to Flask.
-
-    The hooks are the service's hot path (every call event of every PBX), and Flask's per-request
-    work (request and app contexts, URL matching, signals, response objects) was a fifth of a PBX
-    event's CPU under load (bench/ingest.py: 0.66 of the bare Flask ceiling without the lane). The lane
-    runs the same receivers as the blueprint's views, which stay the routes' declaration (OpenAPI,
-    `flask routes`) and answer everything the lane does not take (unknown names: 404; other
-    methods: 405), and answers errors through the same `answer_error`. tests/test_hook_lane.py
-    checks that both ways give the same answers.
+    Its route table is the registry: a name it does not hold is a 404 naming the known ones, another
+    method a 405. An error it does not expect is logged with its traceback and answered 500; nothing
+    was acknowledged, so the sender retries.
     """
 
-    def __init__(self, app: Flask, wsgi_app: WSGIApplication) -> None:
-        self.wsgi_app = wsgi_app
-        self._extensions = app.extensions
-        self._max_body_bytes: int = app.extensions["b24scribe.settings"].max_body_bytes
+    def __init__(self, settings: Settings, db: Database, metrics: Metrics, sources: Sources) -> None:
+        self.services = _Services(settings, db, metrics, sources)
+        self._max_body_bytes = settings.max_body_bytes
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
-        receiver = _RECEIVERS.get(path[:_PREFIX_LENGTH]) if environ.get("REQUEST_METHOD") == "POST" else None
-        name = path[_PREFIX_LENGTH:]
-        if receiver is None or name not in receiver[2]:
-            return self.wsgi_app(environ, start_response)
-        source, receive, _known = receiver
+        kind, _, name = path[1:].partition("/")
         try:
-            stored = serve(Request(environ), self._extensions, source, name, receive)
+            described = self._route(kind, name, environ.get("REQUEST_METHOD", ""))
+            stored = self._serve(environ, described)
         except Exception as error:
-            # Fails closed, as the views do: nothing acknowledged, so the sender retries.
+            # Fails closed: nothing acknowledged, so the sender retries.
             answer = answer_error(error, self._max_body_bytes)
             if answer is None:  # a bug: logged with its traceback, answered 500
-                log.exception("unhandled error in a hook", path=path)
+                log.exception("unhandled error in a hook", path=environ.get("SCRIPT_NAME", "") + path)
                 answer = answer_error(InternalServerError(), None)
                 assert answer is not None
+            if isinstance(error, MethodNotAllowed):
+                answer.headers["Allow"] = "POST"
             return answer(environ, start_response)
-        # what `stored.response()` would send, without building a Response (every event comes this way)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(stored.body)))]
         start_response(_STATUS_LINES[stored.status], headers)
         return [stored.body]
+
+    def _route(self, kind: str, name: str, method: str) -> Source:
+        """The source this path names (404: none; 405: not a POST)."""
+        if kind not in _UNKNOWN or not name or "/" in name:
+            raise NotFound()
+        if method != "POST":
+            raise MethodNotAllowed(valid_methods=["POST"])
+        described = self.services.sources.of(kind).get(name)  # type: ignore[arg-type]  # kind checked above
+        if described is None:
+            code, noun = _UNKNOWN[kind]
+            known = ", ".join(sorted(self.services.sources.of(kind)))  # type: ignore[arg-type]
+            raise ApiError(404, code, f"no {noun} {name!r}; known: {known}")
+        return described
+
+    def _serve(self, environ: WSGIEnvironment, described: Source) -> Stored:
+        """One hook request: an answer given before its body was read closes the connection, and a
+        request refused at the edge is counted by its reason."""
+        try:
+            return receive(_Hook.of(Request(environ), self.services, described))
+        except ApiError as error:
+            if error.code in _EDGE_REFUSALS:
+                self.services.metrics.rejected(described.kind, described.name, error.code)
+            _close_unless_read(environ)
+            raise
+        except BaseException:
+            _close_unless_read(environ)
+            raise
 
 
 _STATUS_LINES = {status: f"{status} {HTTP_STATUS_CODES[status].upper()}" for status in (200, 202)}  # as werkzeug's

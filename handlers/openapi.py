@@ -9,16 +9,17 @@ The schemas below only document responses; the views build their bodies themselv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Flask
-from flask_smorest import Api, Blueprint
+from flask_smorest import Api
 from marshmallow import Schema, fields
+from werkzeug.routing import Map, Rule
 
-from schemas.generic_transcript import GenericTranscriptSchema
-from schemas.pbx_events import AsteriskCallEventSchema, GenericCallEventSchema, StartedAt
+from b24scribe.sources import SignatureScheme, Source, Sources
+from schemas.pbx_events import StartedAt
 
 
 class ErrorDetailSchema(Schema):
@@ -55,6 +56,13 @@ class JobSchema(Schema):
     attempts = fields.Integer(required=True)
     next_attempt_at = fields.DateTime(allow_none=True, metadata={"description": "pending and waiting jobs only"})
     last_error = fields.String(allow_none=True)
+    dead_reason = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "why a dead job is dead: orphan (its call never finished; sent if it does) | retries "
+            "(the retry schedule ran out) | permanent (no retry can mend it); null unless dead"
+        },
+    )
     call = fields.Integer(allow_none=True, metadata={"description": "the call's id in this service"})
     result = fields.Dict(allow_none=True, metadata={"description": "what Bitrix24 answered, e.g. CALL_ID"})
 
@@ -191,13 +199,6 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
         "name": "token",
         "description": "?token=<B24SCRIBE_INBOUND_TOKEN>, for senders that can only set a URL; redacted in logs",
     },
-    "standardWebhooks": {
-        "type": "apiKey",
-        "in": "header",
-        "name": "webhook-signature",
-        "description": "Standard Webhooks signature (with webhook-id and webhook-timestamp, 5 min tolerance) "
-        "made with B24SCRIBE_WEBHOOK_SECRET; generic hooks only",
-    },
     "adminBearer": {
         "type": "http",
         "scheme": "bearer",
@@ -209,11 +210,6 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
         "description": "Authorization: Bearer <B24SCRIBE_METRICS_TOKEN>, needed only when that token is set",
     },
 }
-INBOUND_SECURITY: list[dict[str, list[str]]] = [
-    {"inboundBearer": []},
-    {"inboundQueryToken": []},
-    {"standardWebhooks": []},
-]
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminBearer": []}]
 NO_SECURITY: list[dict[str, list[str]]] = []
 METRICS_SECURITY: list[dict[str, list[str]]] = [{"metricsBearer": []}]
@@ -310,48 +306,112 @@ HOOK_ERRORS = [
     (503, "hooks are disabled (no B24SCRIBE_INBOUND_TOKEN), or the event could not be stored: retry"),
 ]
 
-HookView = TypeVar("HookView", bound=Callable[..., Any])
+HOOKS_TAG = {
+    "name": "hooks",
+    "description": "Inbound webhooks from PBXs and speech-to-text vendors, one route per source of the registry. "
+    "Every hook authenticates before anything is stored; a 2xx answer means the event is durably stored.",
+}
+_TOKEN_SECURITY: list[dict[str, list[str]]] = [{"inboundBearer": []}, {"inboundQueryToken": []}]
 
 
-def _document_hook(
-    bp: Blueprint, request_body: dict[str, Any], parameters: list[dict[str, Any]]
-) -> Callable[[HookView], HookView]:
-    def decorate(view: HookView) -> HookView:
-        documented = bp.doc(security=INBOUND_SECURITY, requestBody=request_body, parameters=parameters)(view)
-        documented = bp.response(202, EventStoredSchema, description="the event is durably stored")(documented)
-        documented = bp.alt_response(200, schema=EventStoredSchema, description="a duplicate of a stored event")(
-            documented
-        )
-        for status, description in HOOK_ERRORS:
-            documented = bp.alt_response(status, schema=ErrorSchema, description=description)(documented)
-        # Keep the documentation, serve the view itself: the hooks build their own Response, so
-        # flask-smorest's run-time wrappers (one per decorator above) would only add a call each
-        # to the hottest path of the service.
-        view._apidoc = documented._apidoc  # type: ignore[attr-defined]
-        return view
-
-    return decorate
+def _security_name(scheme: SignatureScheme) -> str:
+    """A signature scheme's name as an OpenAPI security scheme: `standard-webhooks` → `standardWebhooks`."""
+    first, *rest = scheme.name.split("-")
+    return first + "".join(part.title() for part in rest)
 
 
-def document_stt_hook(bp: Blueprint) -> Callable[[HookView], HookView]:
-    """OpenAPI for `POST /hooks/stt/{vendor}`."""
-    body = {
+def _hook_security(api: Api, sources: Iterable[Source]) -> list[dict[str, list[str]]]:
+    """The token schemes every hook takes, then each signature scheme one of these sources accepts."""
+    security = list(_TOKEN_SECURITY)
+    for source in sources:
+        for scheme in source.signatures:
+            name = _security_name(scheme)
+            if {name: []} in security:
+                continue
+            if name not in api.spec.components.security_schemes:
+                api.spec.components.security_scheme(
+                    name,
+                    {
+                        "type": "apiKey",
+                        "in": "header",
+                        "name": scheme.signature_header,
+                        "description": scheme.description,
+                    },
+                )
+            security.append({name: []})
+    return security
+
+
+def _hook_operation(
+    api: Api, kind: str, sources: Mapping[str, Source], request_body: dict[str, Any], parameters: list[dict[str, Any]]
+) -> dict[str, Any]:
+    noun = "PBX" if kind == "pbx" else "STT vendor"
+    names = sorted(sources)
+    listing = "\n".join(f"- `{name}`: {sources[name].summary or name}" for name in names)
+    name_parameter = {
+        "name": kind if kind == "pbx" else "vendor",
+        "in": "path",
         "required": True,
-        "description": "`generic`: our transcript format; any other vendor: its own callback body, read raw",
-        "content": {"application/json": {"schema": {"oneOf": [GenericTranscriptSchema, VendorBody]}}},
+        "schema": {"type": "string", "enum": names},
+        "description": f"the {noun}, one of the registry's",
     }
-    return _document_hook(bp, body, STT_PARAMETERS)
-
-
-def document_pbx_hook(bp: Blueprint) -> Callable[[HookView], HookView]:
-    """OpenAPI for `POST /hooks/pbx/{pbx}`."""
-    body = {
-        "required": True,
-        "description": "`generic`: a JSON call event; `asterisk`: the same fields form-encoded (dialplan CURL()), "
-        "in the body or the query string",
-        "content": {
-            "application/json": {"schema": GenericCallEventSchema},
-            "application/x-www-form-urlencoded": {"schema": AsteriskCallEventSchema},
+    responses: dict[str, Any] = {
+        "202": {
+            "description": "the event is durably stored",
+            "content": {"application/json": {"schema": EventStoredSchema}},
+        },
+        "200": {
+            "description": "a duplicate of a stored event",
+            "content": {"application/json": {"schema": EventStoredSchema}},
         },
     }
-    return _document_hook(bp, body, [PORTAL_PARAMETER])
+    for status, description in HOOK_ERRORS:
+        responses[str(status)] = {"description": description, "content": {"application/json": {"schema": ErrorSchema}}}
+    return {
+        "tags": ["hooks"],
+        "summary": "A call life-cycle event from a PBX"
+        if kind == "pbx"
+        else "A transcript callback from an STT vendor",
+        "description": f"Sources:\n{listing}",
+        "operationId": f"{kind}_hook",
+        "security": _hook_security(api, sources.values()),
+        "parameters": [name_parameter, *parameters],
+        "requestBody": request_body,
+        "responses": responses,
+    }
+
+
+def document_hooks(api: Api, sources: Sources) -> None:
+    """Document `POST /hooks/pbx/{pbx}` and `POST /hooks/stt/{vendor}` from the registry: the names,
+    each source's body schema (ours where we define one, else the vendor's own object), credentials."""
+    api.spec.tag(HOOKS_TAG)
+    by_type: dict[str, list[Any]] = {}
+    for pbx in sources.pbx.values():
+        if pbx.openapi_schema is not None:
+            content_type = "application/json" if pbx.encoding == "json" else "application/x-www-form-urlencoded"
+            by_type.setdefault(content_type, []).append(pbx.openapi_schema)
+    pbx_body = {
+        "required": True,
+        "description": "a JSON call event, or the same fields form-encoded (Asterisk's dialplan CURL()), "
+        "in the body or the query string; see each PBX",
+        "content": {
+            content_type: {"schema": found[0] if len(found) == 1 else {"oneOf": found}}
+            for content_type, found in by_type.items()
+        },
+    }
+    ours = [vendor.openapi_schema for vendor in sources.stt.values() if vendor.openapi_schema is not None]
+    stt_body = {
+        "required": True,
+        "description": "`generic`: our transcript format; any other vendor: its own callback body, read raw",
+        "content": {"application/json": {"schema": {"oneOf": [*ours, VendorBody]}}},
+    }
+    # flask-smorest's path helper reads a werkzeug rule (bound to a map, as Flask's are); the hooks'
+    # own application serves the paths, so the rules exist only to be documented
+    pbx_rule, stt_rule = Rule("/hooks/pbx/<pbx>", defaults={}), Rule("/hooks/stt/<vendor>", defaults={})
+    Map([pbx_rule, stt_rule])
+    api.spec.path(
+        rule=pbx_rule, operations={"post": _hook_operation(api, "pbx", sources.pbx, pbx_body, [PORTAL_PARAMETER])}
+    )
+    api.spec.path(
+        rule=stt_rule, operations={"post": _hook_operation(api, "stt", sources.stt, stt_body, STT_PARAMETERS)}
+    )

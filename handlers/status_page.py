@@ -31,9 +31,10 @@ from werkzeug.wrappers import Response as BaseResponse
 from b24scribe import outbox
 from b24scribe.calls import describe_call, iso
 from b24scribe.db import Database
-from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
+from b24scribe.models import Call, InboundEvent, Job, JobState, TranscriptPart
 from b24scribe.replay import field_summary, replay_event
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
 from handlers.admin import MAX_ROW_ID, displayable, is_admin_token
 
 bp = Blueprint("status", __name__, url_prefix="/status", template_folder="templates")
@@ -41,7 +42,7 @@ COOKIE = "b24scribe_admin"
 SESSION_SECONDS = 12 * 3600
 OPEN_ENDPOINTS = {"status.login"}
 RECENT_CALLS = 50
-SHOWN_JOB_STATES = ("pending", "waiting", "leased", "dead")
+SHOWN_JOB_STATES = (JobState.PENDING, JobState.WAITING, JobState.LEASED, JobState.DEAD)
 LISTED = 100
 # What a redirect after a button may tell the page: fixed texts, so no text from a URL is ever shown.
 NOTICES = {
@@ -59,6 +60,11 @@ NOTICES = {
 def _db() -> Database:
     db: Database = current_app.extensions["b24scribe.db"]
     return db
+
+
+def _sources() -> Sources:
+    sources: Sources = current_app.extensions["b24scribe.sources"]
+    return sources
 
 
 def _settings() -> Settings:
@@ -247,6 +253,28 @@ def logout() -> BaseResponse:
     return response
 
 
+def _hook_rows() -> list[dict[str, Any]]:
+    """Each source of the registry: the URL to paste into the PBX or vendor, and how it may sign in."""
+    settings = _settings()
+    base = settings.public_url or request.host_url.rstrip("/")
+    rows = []
+    for source in _sources():
+        signatures = [
+            f"{scheme.name} ({'set' if scheme.configured(settings, source.name) else 'secret not set'})"
+            for scheme in source.signatures
+        ]
+        rows.append(
+            {
+                "kind": source.kind,
+                "name": source.name,
+                "url": f"{base}/hooks/{source.kind}/{source.name}",
+                "summary": source.summary,
+                "auth": ", ".join(["token" if settings.inbound_token else "token (not set)", *signatures]),
+            }
+        )
+    return rows
+
+
 def _call_row(call: Call) -> dict[str, Any]:
     return {
         "id": call.id,
@@ -334,6 +362,7 @@ def overview() -> Response:
         transcripts=transcripts,
         dead_jobs=dead_jobs,
         rejected=rejected,
+        hooks=_hook_rows(),
     )
 
 
@@ -374,5 +403,5 @@ def retry_job(job_id: int) -> BaseResponse:
 @bp.post(f"/events/<int(max={MAX_ROW_ID}):event_id>/replay")
 def replay(event_id: int) -> BaseResponse:
     """Parse a rejected event again (after a fix) and store it if it now passes."""
-    outcome = replay_event(_db(), _settings(), event_id)
+    outcome = replay_event(_db(), _settings(), _sources(), event_id)
     return _back(outcome.outcome, event_id)

@@ -18,9 +18,12 @@ from urllib.parse import parse_qsl
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
+from b24scribe.limits import MAX_SECONDS as LIMIT_SECONDS
+from b24scribe.parsing import channel_slot
 from b24scribe.transcript import CallReference, Segment
-from schemas.limits import MAX_SECONDS as LIMIT_SECONDS
 from schemas.source import load_json
+
+channel_from_query = channel_slot  # `?channel=`: read where the hooks read it (b24scribe/parsing.py)
 
 FieldPath = tuple[str | int, ...]
 Kind = Literal["seconds", "milliseconds", "text", "index", "label"]
@@ -37,9 +40,6 @@ _KIND_MESSAGES: dict[Kind, str] = {
     "index": "Not a valid integer.",
     "label": "Not a valid string or integer.",
 }
-_CHANNEL_VALUES = {"0": 0, "1": 1}
-
-
 # Segment's generated frozen __init__ sets each field through object.__setattr__: 0.85 µs a
 # segment, a third of the time budget for an hour of words. `new_segment` fills a twin with the
 # same slots by plain stores and relabels it a Segment (CPython allows `__class__` assignment
@@ -154,17 +154,6 @@ def load_json_object(raw_body: bytes) -> dict[str, Any]:
     if type(body) is not dict:
         raise ValidationError({"_schema": ["The body must be a JSON object."]})
     return body
-
-
-def channel_from_query(query: Mapping[str, str]) -> int | None:
-    """`?channel=0|1` (contract §6.3): the recording holds only that channel; None when absent."""
-    value = query.get("channel")
-    if value is None or value == "":
-        return None
-    channel = _CHANNEL_VALUES.get(value.strip())
-    if channel is None:
-        raise ValidationError({"channel": ["Must be 0 or 1: the one channel of the call this recording holds."]})
-    return channel
 
 
 def reference_from_mapping(values: Mapping[str, Any]) -> CallReference:

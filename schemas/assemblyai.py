@@ -24,6 +24,7 @@ from typing import Any
 
 from marshmallow import fields, post_load, validate
 
+from b24scribe.sources import FetchSpec, SttVendor
 from b24scribe.transcript import Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
     MAX_MILLISECONDS,
@@ -38,7 +39,6 @@ from schemas._vendor_payload import (
     load_json_object,
     new_segment,
 )
-from schemas.source import FetchSpec, SttVendor
 
 AUTH_HEADER = "X-B24scribe-Token"
 
@@ -191,6 +191,7 @@ def _api_headers(api_key: str) -> dict[str, str]:
 
 VENDOR = SttVendor(
     name="assemblyai",
+    summary="AssemblyAI webhooks (the transcript is fetched by its id)",
     parse=parse,
     fetch=FetchSpec(
         default_api_url="https://api.assemblyai.com",

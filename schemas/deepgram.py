@@ -27,6 +27,7 @@ from typing import Any
 
 from marshmallow import fields, post_load, validate
 
+from b24scribe.sources import SttVendor
 from b24scribe.transcript import Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
     MAX_SECONDS,
@@ -40,7 +41,6 @@ from schemas._vendor_payload import (
     new_segment,
     reference_from_mapping,
 )
-from schemas.source import SttVendor
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,4 +224,4 @@ def _word_segments(channel_words: list[list[Any]], forced_channel: int | None, e
     return segments
 
 
-VENDOR = SttVendor(name="deepgram", parse=parse)
+VENDOR = SttVendor(name="deepgram", parse=parse, summary="Deepgram pre-recorded results posted to `callback=`")

@@ -8,7 +8,9 @@ with `?channel=0|1`. The translation lives with the Whisper family in `schemas.o
 
 from __future__ import annotations
 
+from b24scribe.sources import SttVendor
 from schemas.openai import parse_fasterwhisper
-from schemas.source import SttVendor
 
-VENDOR = SttVendor(name="fasterwhisper", parse=parse_fasterwhisper)
+VENDOR = SttVendor(
+    name="fasterwhisper", parse=parse_fasterwhisper, summary="faster-whisper segments, posted by your script"
+)

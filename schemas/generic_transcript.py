@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from b24scribe.transcript import CallReference, Segment, Side, Transcript, VendorResult
-from schemas._vendor_payload import channel_from_query, new_segment
-from schemas.limits import (
+from b24scribe.inbound_auth import STANDARD_WEBHOOKS
+from b24scribe.limits import (
     MAX_B24_CALL_ID_LENGTH,
     MAX_CHANNEL,
     MAX_CURRENCY_LENGTH,
@@ -26,7 +25,10 @@ from schemas.limits import (
     StoredText,
     has_unstorable,
 )
-from schemas.source import SttVendor, load_json
+from b24scribe.sources import SttVendor
+from b24scribe.transcript import CallReference, Segment, Side, Transcript, VendorResult
+from schemas._vendor_payload import channel_from_query, new_segment
+from schemas.source import load_json
 
 
 class GenericSegmentSchema(Schema):
@@ -37,7 +39,7 @@ class GenericSegmentSchema(Schema):
 
     start = fields.Float(required=True, validate=validate.Range(min=0, max=MAX_SECONDS), allow_nan=False)
     end = fields.Float(required=True, validate=validate.Range(min=0, max=MAX_SECONDS), allow_nan=False)
-    text = fields.String(required=True)  # control characters become spaces after parsing (schemas.limits)
+    text = fields.String(required=True)  # control characters become spaces after parsing (b24scribe.limits)
     side = fields.String(validate=validate.OneOf([s.value for s in Side]))
     channel = fields.Integer(validate=validate.Range(min=0, max=MAX_CHANNEL))
     speaker = fields.Raw(validate=lambda v: isinstance(v, str | int) and not isinstance(v, bool))
@@ -182,4 +184,10 @@ def parse(raw_body: bytes, query: Mapping[str, str]) -> VendorResult:
     )
 
 
-VENDOR = SttVendor(name="generic", parse=parse)
+VENDOR = SttVendor(
+    name="generic",
+    parse=parse,
+    signatures=(STANDARD_WEBHOOKS,),
+    summary="our own transcript format (any script or vendor that can send it)",
+    openapi_schema=GenericTranscriptSchema,
+)

@@ -31,6 +31,7 @@ from typing import Any
 
 from marshmallow import ValidationError, post_load
 
+from b24scribe.sources import SttVendor
 from b24scribe.transcript import Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
     MAX_MILLISECONDS,
@@ -46,7 +47,7 @@ from schemas._vendor_payload import (
     kind_problem,
     new_segment,
 )
-from schemas.source import SttVendor, load_json
+from schemas.source import load_json
 
 # whisper.cpp --diarize: which stereo channel was louder over the segment.
 _WHISPERCPP_CHANNELS = {"0": 0, "1": 1}
@@ -343,4 +344,8 @@ def _report_whispercpp_segment(errors: PayloadErrors, path: FieldPath, item: Any
         errors.add(path, "Not a valid item.")
 
 
-VENDOR = SttVendor(name="openai", parse=parse)
+VENDOR = SttVendor(
+    name="openai",
+    parse=parse,
+    summary="OpenAI Whisper API output (verbose_json or diarized_json), posted by your script",
+)

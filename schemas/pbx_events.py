@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate
 
-from b24scribe.ingest import CallEvent
-from b24scribe.transcript import Direction
-from schemas.limits import (
+from b24scribe.events import CallEvent
+from b24scribe.inbound_auth import STANDARD_WEBHOOKS
+from b24scribe.limits import (
     MAX_DURATION,
     MAX_EXTENSION_LENGTH,
     MAX_ID_LENGTH,
@@ -23,6 +24,9 @@ from schemas.limits import (
     StoredText,
     has_unstorable,
 )
+from b24scribe.parsing import form_fields
+from b24scribe.sources import PbxSource
+from b24scribe.transcript import Direction
 from schemas.source import load_json
 
 UNIX_SECONDS = re.compile(r"\d{9,11}(\.\d+)?")  # Asterisk ${CDR(start,u)}: 1700000000.123456
@@ -248,3 +252,31 @@ def parse_asterisk(form: dict[str, str]) -> CallEvent:
     """Load a form-encoded call event."""
     result: CallEvent = ASTERISK_CALL_EVENT.load(form)
     return result
+
+
+def parse_generic_request(body: bytes, query: Mapping[str, str]) -> CallEvent:
+    """`POST /hooks/pbx/generic`: the JSON body (the query carries only options and credentials)."""
+    return parse_generic_body(body)
+
+
+def parse_asterisk_request(body: bytes, query: Mapping[str, str]) -> CallEvent:
+    """`POST /hooks/pbx/asterisk`: the dialplan's form fields, in the body or (with no body) the query."""
+    return parse_asterisk(form_fields(body, query))
+
+
+GENERIC = PbxSource(
+    "generic",
+    parse_generic_request,
+    encoding="json",
+    signatures=(STANDARD_WEBHOOKS,),
+    summary="A call event in our own JSON format (any PBX that can send JSON)",
+    openapi_schema=GenericCallEventSchema,
+    checks_limits=True,  # its schema and msgspec fast path enforce them (tests/test_hostile_fields.py)
+)
+ASTERISK = PbxSource(
+    "asterisk",
+    parse_asterisk_request,
+    encoding="form",
+    summary="A call event from Asterisk's dialplan (CURL() posting form fields)",
+    openapi_schema=AsteriskCallEventSchema,
+)

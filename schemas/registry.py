@@ -1,9 +1,9 @@
-"""The registry of sources: each STT vendor as data.
+"""The registry of sources: every PBX and STT vendor, one line each.
 
-Adding a vendor touches its schema module (which exports `VENDOR`) and one line here. Every
-vendor's parsers are registered wrapped in `checked_vendor_result` (schemas/limits.py): whatever a
-vendor module returns, what leaves the registry fits contract §12's ranges and the columns it is stored
-in, for callbacks and fetched transcripts alike.
+Adding a source touches its module (which exports its `PbxSource` or `SttVendor`) and one line
+here. Every parser is registered wrapped in a check of contract §12's ranges (b24scribe/limits.py):
+whatever a source module returns, what leaves the registry fits the ranges and the columns it is
+stored in, for callbacks and fetched transcripts alike. The app hands `SOURCES` to the core.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from b24scribe.events import CallEvent
+from b24scribe.limits import check_call_event, checked_vendor_result
+from b24scribe.sources import Parser, PbxSource, Sources, SttVendor
 from b24scribe.transcript import VendorResult
 from schemas import (
     assemblyai,
@@ -18,12 +21,11 @@ from schemas import (
     fasterwhisper,
     generic_transcript,
     openai,
+    pbx_events,
     revai,
     speechmatics,
     whispercpp,
 )
-from schemas.limits import checked_vendor_result
-from schemas.source import Parser, SttVendor
 
 
 def _checked_parser(parse: Parser) -> Parser:
@@ -40,16 +42,42 @@ def _checked(vendor: SttVendor) -> SttVendor:
     return dataclasses.replace(vendor, parse=_checked_parser(vendor.parse), fetch=fetch)
 
 
-STT_VENDORS: dict[str, SttVendor] = {
-    vendor.name: _checked(vendor)
-    for vendor in (
-        generic_transcript.VENDOR,
-        deepgram.VENDOR,
-        assemblyai.VENDOR,
-        revai.VENDOR,
-        speechmatics.VENDOR,
-        openai.VENDOR,
-        whispercpp.VENDOR,
-        fasterwhisper.VENDOR,
+def _checked_pbx(pbx: PbxSource) -> PbxSource:
+    """The PBX with its parser's events checked the same way (unless its parser checks them itself)."""
+    if pbx.checks_limits:
+        return pbx
+    parse = pbx.parse
+
+    def checked(raw_body: bytes, query: Mapping[str, str]) -> CallEvent:
+        return check_call_event(parse(raw_body, query))
+
+    checked.__doc__ = parse.__doc__
+    return dataclasses.replace(pbx, parse=checked)
+
+
+def registry(pbxs: tuple[PbxSource, ...], vendors: tuple[SttVendor, ...]) -> Sources:
+    """A registry of these sources, every parser checked."""
+    return Sources(
+        stt={vendor.name: _checked(vendor) for vendor in vendors},
+        pbx={pbx.name: _checked_pbx(pbx) for pbx in pbxs},
     )
-}
+
+
+PBXS: tuple[PbxSource, ...] = (
+    pbx_events.GENERIC,
+    pbx_events.ASTERISK,
+)
+VENDORS: tuple[SttVendor, ...] = (
+    generic_transcript.VENDOR,
+    deepgram.VENDOR,
+    assemblyai.VENDOR,
+    revai.VENDOR,
+    speechmatics.VENDOR,
+    openai.VENDOR,
+    whispercpp.VENDOR,
+    fasterwhisper.VENDOR,
+)
+
+SOURCES = registry(PBXS, VENDORS)
+STT_VENDORS: Mapping[str, SttVendor] = SOURCES.stt
+PBX_SOURCES: Mapping[str, PbxSource] = SOURCES.pbx

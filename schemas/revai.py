@@ -32,6 +32,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate
 
+from b24scribe.sources import FetchSpec, SttVendor
 from b24scribe.transcript import Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
     MAX_SECONDS,
@@ -46,7 +47,6 @@ from schemas._vendor_payload import (
     new_segment,
     reference_from_query_string,
 )
-from schemas.source import FetchSpec, SttVendor
 
 TRANSCRIPT_MEDIA_TYPE = "application/vnd.rev.transcript.v1.0+json"
 
@@ -254,6 +254,7 @@ def _api_headers(api_key: str) -> dict[str, str]:
 
 VENDOR = SttVendor(
     name="revai",
+    summary="Rev.ai job notifications (the transcript is fetched by its id)",
     parse=parse,
     fetch=FetchSpec(
         default_api_url="https://api.rev.ai",

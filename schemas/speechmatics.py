@@ -32,6 +32,8 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate
 
+from b24scribe.limits import MAX_CHANNEL
+from b24scribe.sources import SttVendor
 from b24scribe.transcript import CallReference, Segment, Transcript, VendorResult
 from schemas._vendor_payload import (
     MAX_SECONDS,
@@ -47,8 +49,7 @@ from schemas._vendor_payload import (
     reference_from_mapping,
     reference_from_query_string,
 )
-from schemas.limits import MAX_CHANNEL
-from schemas.source import SttVendor, load_json
+from schemas.source import load_json
 
 FAILED_STATUSES = frozenset({"error", "fetch_error", "trim_error"})
 UNKNOWN_SPEAKER = "UU"
@@ -311,4 +312,6 @@ def _report_result(errors: PayloadErrors, path: FieldPath, item: Any) -> None:
             errors.add(path, "Not a valid item.")
 
 
-VENDOR = SttVendor(name="speechmatics", parse=parse)
+VENDOR = SttVendor(
+    name="speechmatics", parse=parse, summary="Speechmatics batch notifications with the transcript attached"
+)

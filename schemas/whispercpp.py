@@ -8,7 +8,7 @@ server's `verbose_json`. The translation lives with the rest of the Whisper fami
 
 from __future__ import annotations
 
+from b24scribe.sources import SttVendor
 from schemas.openai import parse_whispercpp
-from schemas.source import SttVendor
 
-VENDOR = SttVendor(name="whispercpp", parse=parse_whispercpp)
+VENDOR = SttVendor(name="whispercpp", parse=parse_whispercpp, summary="whisper.cpp JSON output, posted by your script")

@@ -23,6 +23,7 @@ from b24scribe.db import Database
 from b24scribe.models import Base
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 
 if TYPE_CHECKING:
     from tests.fake_bitrix24 import FakeBitrix24
@@ -101,7 +102,7 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def worker(app: Flask) -> Worker:
     """A worker sharing the app's database and settings (tests drain it in-process)."""
-    return Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"])
+    return Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES)
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ GENERIC_EVENT: dict[str, Any] = {
     "from": "+15551234567",
     "to": "101",
     "extension": "101",
-    "user_id": 1,  # a user of the fake Bitrix24 (tests/fake_bitrix24.py), so real delivery can register it
+    "user_id": 1,  # a user of the fake Bitrix24 (fake_bitrix24/), so real delivery can register it
     "started_at": "2026-11-25T10:20:30+01:00",
     "duration": 73,
     "status": "answered",

@@ -88,8 +88,18 @@ def test_the_outbox_lists_counts_and_jobs_by_state(
     dead = client.get("/v1/jobs?state=dead", headers=admin()).get_json()
     assert [job["kind"] for job in dead["jobs"]] == ["attach"]
     job = dead["jobs"][0]
-    assert set(job) == {"id", "kind", "state", "attempts", "next_attempt_at", "last_error", "call", "result"}
-    assert "Transcription is too long" in job["last_error"]
+    assert set(job) == {
+        "id",
+        "kind",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+        "dead_reason",
+        "call",
+        "result",
+    }
+    assert "Transcription is too long" in job["last_error"] and job["dead_reason"] == "permanent"
 
     assert len(client.get("/v1/jobs?limit=1", headers=admin()).get_json()["jobs"]) == 1
 

@@ -15,13 +15,14 @@ from sqlalchemy import select
 from app import create_app
 from b24scribe import migrate
 from b24scribe.db import Database
-from b24scribe.ingest import RawEvent
+from b24scribe.events import RawEvent
 from b24scribe.models import InboundEvent, Job
 from b24scribe.settings import Settings
+from b24scribe.sources import SttVendor
 from b24scribe.transcript import Segment, Transcript, VendorResult
 from b24scribe.worker import Worker
 from schemas import registry
-from schemas.source import SttVendor
+from schemas.registry import SOURCES
 from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, auth
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.operations import CALL_ID, FINISHED, SENTENCE, free_port, make_dead_attach, post_call, post_transcript
@@ -241,7 +242,7 @@ def test_a_rejected_event_passes_after_the_configuration_is_fixed(
     assert result.exit_code == 0, result.output
     assert f"{event_id}: accepted: stored as event " in result.output
     assert result.output.splitlines()[-1] == "replayed 1 event(s), 1 accepted"
-    Worker(db, fixed.extensions["b24scribe.settings"]).drain()
+    Worker(db, fixed.extensions["b24scribe.settings"], SOURCES).drain()
     assert len(fake_bitrix24.portal_state("acme").statistics) == 1  # registered and finished on acme
     with db.read() as session:
         old = session.get_one(InboundEvent, event_id)

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from b24scribe import inbox, outbox
+from b24scribe import folding, outbox
 from b24scribe.db import Database
 from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 
 
 def dry_run(settings: Settings, **changes: Any) -> Settings:
@@ -86,7 +87,7 @@ def test_a_dry_run_drain_claims_and_records_many_jobs_per_transaction(
 ) -> None:
     # one portal too: in dry-run nothing is in flight, so its slots do not bound a batch
     calls = add_calls(db, 40, portals=portals)
-    worker = Worker(db, dry_run(settings))
+    worker = Worker(db, dry_run(settings), SOURCES)
     worker.fold = lambda: 0  # type: ignore[method-assign]  # no events: count delivery's own writes
     with counting_writes(db) as writes:
         worker.drain()
@@ -133,7 +134,7 @@ def test_a_fetched_transcript_without_speakers_or_channels_ends_dead_with_the_re
             )
         )
         attach = outbox.enqueue(session, "attach", call_id=call.id, portal="p", now=now)
-    worker = Worker(db, dry_run(settings, retry_schedule=(0.0, 0.0)))
+    worker = Worker(db, dry_run(settings, retry_schedule=(0.0, 0.0)), SOURCES)
     worker.drain()
 
     with db.read() as session:
@@ -150,7 +151,7 @@ def test_a_job_whose_outcome_cannot_be_recorded_fails_alone(
     """Dry-run batches record their outcomes in one transaction: one that cannot be written
     costs only its own job an attempt."""
     calls = add_calls(db, 4)
-    worker = Worker(db, dry_run(settings, retry_schedule=(60.0,)))
+    worker = Worker(db, dry_run(settings, retry_schedule=(60.0,)), SOURCES)
     complete = outbox.complete
 
     def complete_unless_poisoned(session: Any, job: Job, result: Any, now: float) -> None:
@@ -174,22 +175,22 @@ def test_an_unexpected_error_in_one_job_of_a_batch_leaves_the_others_to_finish(
     settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = add_calls(db, 5)
-    worker = Worker(db, dry_run(settings, retry_schedule=(60.0,)))
-    from b24scribe import delivery
+    worker = Worker(db, dry_run(settings, retry_schedule=(60.0,)), SOURCES)
+    from b24scribe.delivery import steps
 
-    register_params = delivery.register_params
+    register_params = steps.register_params
 
     def broken_for_one(call: Call, settings: Settings) -> dict[str, Any]:
         if call.id == calls[2]:
             raise KeyError("EXTENSION_MAP")
         return register_params(call, settings)
 
-    monkeypatch.setattr(delivery, "register_params", broken_for_one)
+    monkeypatch.setattr(steps, "register_params", broken_for_one)
     worker.drain()
 
     states = {(call, kind): (state, attempts) for call, kind, state, attempts in job_states(db)}
     assert states.pop((calls[2], "register")) == ("pending", 1)
     assert states.pop((calls[2], "finish")) == ("waiting", 0)
     assert set(states.values()) == {("done", 0)}
-    inbox_untouched = inbox.apply_pending(db, worker.settings)
+    inbox_untouched = folding.apply_pending(db, worker.settings, SOURCES)
     assert inbox_untouched == 0

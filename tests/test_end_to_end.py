@@ -15,6 +15,7 @@ import requests
 
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
@@ -96,7 +97,7 @@ def test_dry_run_records_the_exact_request_and_sends_nothing(
     app = create_app(settings.with_overrides(bitrix24_webhook_url=None))
     client = app.test_client()
     assert client.post("/hooks/stt/generic?b24_call_id=CALL-9", json=TRANSCRIPT, headers=auth()).status_code == 202
-    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"]).drain()
+    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES).drain()
 
     state = client.get("/v1/calls/by-b24/CALL-9", headers=admin()).json
     assert state is not None

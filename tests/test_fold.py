@@ -13,10 +13,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 
-from b24scribe import fold, inbox
+from b24scribe import fold, folding
 from b24scribe.db import Database
 from b24scribe.models import Call, InboundEvent, Job, TranscriptPart
 from b24scribe.settings import Settings
+from schemas.registry import SOURCES
 from tests.conftest import auth
 
 FINISHED = {
@@ -40,13 +41,13 @@ def transcript(text: str = "Acme, good morning") -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def fresh_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with the first batch size (the module learns it from the writes it times)."""
-    monkeypatch.setattr(inbox, "_batch_size", inbox._BatchSize())
+    monkeypatch.setattr(folding, "_batch_size", folding._BatchSize())
 
 
 def fold_all(database: Database, settings: Settings) -> int:
     """Fold until nothing is due, as the worker loop does."""
     folded = 0
-    while taken := inbox.apply_pending(database, settings):
+    while taken := folding.apply_pending(database, settings, SOURCES):
         folded += taken
     return folded
 
@@ -136,7 +137,7 @@ def test_a_batch_builds_the_same_calls_transcripts_and_jobs_as_one_event_at_a_ti
     client: FlaskClient, database: Database, settings_of: Settings
 ) -> None:
     store_scenario(client)
-    assert inbox.apply_pending(database, settings_of) == 9  # one batch: every event of every call
+    assert folding.apply_pending(database, settings_of, SOURCES) == 9  # one batch: every event of every call
     assert snapshot(database) == EXPECTED
 
 
@@ -145,8 +146,8 @@ def test_one_event_at_a_time_builds_what_a_batch_builds(
 ) -> None:
     store_scenario(client)
     for _ in range(9):
-        assert inbox.apply_pending(database, settings_of, limit=1) == 1
-    assert inbox.apply_pending(database, settings_of) == 0
+        assert folding.apply_pending(database, settings_of, SOURCES, limit=1) == 1
+    assert folding.apply_pending(database, settings_of, SOURCES) == 0
     assert snapshot(database) == EXPECTED
 
 
@@ -175,7 +176,7 @@ def test_a_call_being_registered_gets_no_second_register_and_its_new_transcript_
         session.execute(update(Job).where(Job.kind.in_(("register", "attach"))).values(state="leased"))
     post(client, "/hooks/pbx/generic", FINISHED | {"duration": 80})
     post(client, "/hooks/stt/generic?pbx=generic&call=A-1", transcript("a second part"))
-    assert inbox.apply_pending(database, settings_of) == 2
+    assert folding.apply_pending(database, settings_of, SOURCES) == 2
     jobs = snapshot(database)["jobs"]
     # a leased attach may already have read the parts: the new part needs an attach of its own
     assert jobs == [
@@ -200,7 +201,7 @@ def test_one_bad_event_in_a_batch_is_retried_later_and_the_others_are_folded(
         real(plan, call, event_id, *args)
 
     monkeypatch.setattr(fold, "_fold_transcript", broken_for_one)
-    assert inbox.apply_pending(database, settings_of) == 3
+    assert folding.apply_pending(database, settings_of, SOURCES) == 3
     with database.read() as session:
         applies = {job.event_id: job for job in session.scalars(select(Job).where(Job.kind == "apply"))}
         assert (applies[first].state, applies[last].state) == ("done", "done")
@@ -209,12 +210,12 @@ def test_one_bad_event_in_a_batch_is_retried_later_and_the_others_are_folded(
         assert applies[bad].next_attempt_at > time.time()  # backs off instead of spinning
         assert session.scalar(select(func.count()).select_from(TranscriptPart)) == 0
         assert session.scalar(select(func.count()).where(Job.kind == "register")) == 2
-    assert inbox.apply_pending(database, settings_of) == 0  # not due yet
+    assert folding.apply_pending(database, settings_of, SOURCES) == 0  # not due yet
 
     monkeypatch.setattr(fold, "_fold_transcript", real)  # fixed
     with database.write() as session:
         session.execute(update(Job).where(Job.event_id == bad, Job.kind == "apply").values(next_attempt_at=0))
-    assert inbox.apply_pending(database, settings_of) == 1
+    assert folding.apply_pending(database, settings_of, SOURCES) == 1
     assert snapshot(database)["transcripts"] == [("A-1", "completed", "queued")]
 
 
@@ -228,13 +229,13 @@ def test_an_event_that_keeps_failing_is_dead_with_the_reason_at_the_end_of_the_s
 
     monkeypatch.setattr(fold, "_fold_call_event", broken)
     one_retry = dataclasses.replace(settings_of, retry_schedule=(0.0,))
-    assert inbox.apply_pending(database, one_retry, limit=1) == 1  # first failure: due again at once (0 s)
-    assert inbox.apply_pending(database, one_retry, limit=1) == 1  # second failure: the schedule is over
+    assert folding.apply_pending(database, one_retry, SOURCES, limit=1) == 1  # first failure: due again at once (0 s)
+    assert folding.apply_pending(database, one_retry, SOURCES, limit=1) == 1  # second failure: the schedule is over
     with database.read() as session:
         job = session.scalars(select(Job).where(Job.event_id == event_id, Job.kind == "apply")).one()
         assert (job.state, job.attempts) == ("dead", 2)
         assert job.last_error == "folding the event failed: RuntimeError"
-    assert inbox.apply_pending(database, one_retry) == 0
+    assert folding.apply_pending(database, one_retry, SOURCES) == 0
 
 
 def test_a_call_takes_at_most_limit_events_and_stops_when_its_time_budget_is_spent(
@@ -242,19 +243,19 @@ def test_a_call_takes_at_most_limit_events_and_stops_when_its_time_budget_is_spe
 ) -> None:
     for number in range(12):
         post(client, "/hooks/pbx/generic", FINISHED | {"call_id": f"call-{number}"})
-    assert inbox.apply_pending(database, settings_of, limit=3) == 3
-    monkeypatch.setattr(inbox._batch_size, "events", 4)
-    monkeypatch.setattr(inbox._batch_size, "observe", lambda *_args: None)
+    assert folding.apply_pending(database, settings_of, SOURCES, limit=3) == 3
+    monkeypatch.setattr(folding._batch_size, "events", 4)
+    monkeypatch.setattr(folding._batch_size, "observe", lambda *_args: None)
     # a budget already spent still folds one batch, then returns
-    assert inbox.apply_pending(database, settings_of, budget_seconds=0.0) == 4
+    assert folding.apply_pending(database, settings_of, SOURCES, budget_seconds=0.0) == 4
     # a budget long enough folds every batch that is due
-    assert inbox.apply_pending(database, settings_of, budget_seconds=60.0) == 5
+    assert folding.apply_pending(database, settings_of, SOURCES, budget_seconds=60.0) == 5
     assert snapshot(database)["applies"] == {"done": 12}
 
 
 def test_batches_are_sized_so_that_their_writes_stay_short() -> None:
-    target = inbox.WRITE_SECONDS
-    size = inbox._BatchSize()
+    target = folding.WRITE_SECONDS
+    size = folding._BatchSize()
     start = size.events
     size.observe(start, start, target / 4)  # first writes: grow while short, shrink while long
     assert size.events == 2 * start
@@ -264,7 +265,7 @@ def test_batches_are_sized_so_that_their_writes_stay_short() -> None:
     assert size.events == start
 
     def learn(fixed: float, per_event: float) -> int:
-        learner = inbox._BatchSize()
+        learner = folding._BatchSize()
         for events in (20, 40, 60, 80, 20, 40):
             learner.observe(events, events, fixed + per_event * events)
         return learner.events
@@ -273,8 +274,8 @@ def test_batches_are_sized_so_that_their_writes_stay_short() -> None:
     assert learn(0.005, 0.0002) == pytest.approx((target - 0.005) / 0.0002, abs=1)
     # a fixed part over the target alone (a slow fsync): smaller batches would not be shorter
     assert learn(0.03, 0.0002) == pytest.approx(0.03 / 0.0002, abs=1)
-    assert learn(0.0, 1.0) == inbox.MIN_BATCH
-    assert learn(0.0, 1e-7) == inbox.MAX_BATCH
+    assert learn(0.0, 1.0) == folding.MIN_BATCH
+    assert learn(0.0, 1e-7) == folding.MAX_BATCH
 
 
 def test_workers_folding_at_once_fold_every_event_once(
@@ -296,14 +297,14 @@ def test_workers_folding_at_once_fold_every_event_once(
         if number % 4 == 0:
             other = f"shared-{number // 4 % 4}"
             post(client, f"/hooks/stt/generic?pbx=generic&call={other}", transcript(f"part {number}"))
-    monkeypatch.setattr(inbox._batch_size, "events", 3)
-    monkeypatch.setattr(inbox._batch_size, "observe", lambda *_args: None)
+    monkeypatch.setattr(folding._batch_size, "events", 3)
+    monkeypatch.setattr(folding._batch_size, "observe", lambda *_args: None)
     folded: list[int] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            while taken := inbox.apply_pending(database, settings_of, limit=3):
+            while taken := folding.apply_pending(database, settings_of, SOURCES, limit=3):
                 folded.append(taken)
         except BaseException as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
@@ -332,13 +333,13 @@ def test_postgres_a_worker_skips_the_events_another_worker_is_folding(
     for number in range(6):
         post(client, "/hooks/pbx/generic", FINISHED | {"call_id": f"call-{number}"})
     with database.write() as other:  # another worker's batch: the three oldest events, locked
-        held = inbox._load(other, 3, lock=True)
+        held = folding._load(other, 3, lock=True)
         assert len(held) == 3
         taken: list[int] = []
-        meanwhile = threading.Thread(target=lambda: taken.append(inbox.apply_pending(database, settings_of)))
+        meanwhile = threading.Thread(target=lambda: taken.append(folding.apply_pending(database, settings_of, SOURCES)))
         meanwhile.start()
         meanwhile.join(10)
         assert not meanwhile.is_alive(), "the worker waited for the events another worker holds"
         assert taken == [3]  # the other three
-    assert inbox.apply_pending(database, settings_of) == 3  # released: now those
+    assert folding.apply_pending(database, settings_of, SOURCES) == 3  # released: now those
     assert snapshot(database)["applies"] == {"done": 6}

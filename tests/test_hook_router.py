@@ -1,14 +1,12 @@
-"""The hooks' lane (`handlers.hooks.HookLane`) answers exactly as the blueprint's Flask views do.
+"""The hooks' own WSGI application (`handlers.hooks.HookApp`) serves every path under /hooks, from
+the registry of sources, and nothing else serves them: no route is served twice.
 
-The lane serves `POST /hooks/pbx/<known PBX>` and `POST /hooks/stt/<known vendor>` without Flask's
-dispatch (the hot path); everything else goes on to Flask. Each request below is sent to two apps
-built alike on two fresh databases: one as served (the lane takes the hooks), one served by Flask
-alone. Their answers and what they stored must be the same.
+What users send (accepted, repeated, refused, invalid, unknown, too big, wrong method or path) gets
+the answer and the stored rows it should, in the service's one error shape, with a request id.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -20,10 +18,11 @@ from urllib.parse import urlencode
 import flask
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import Client, TestResponse
 
-from app import RequestId, create_app
+from app import create_app
 from b24scribe.db import Database
 from b24scribe.models import Base, InboundEvent, Job
 from tests.conftest import INBOUND_TOKEN, auth, make_settings, sign_standard_webhook
@@ -67,7 +66,7 @@ def conversation() -> list[Request]:
         Request("POST", "/hooks/pbx/generic", b"{not json", {**JSON, **auth()}),
         Request("POST", "/hooks/pbx/generic", b"x" * 5000, {**JSON, **auth()}),  # over the limit: 413
         Request("POST", f"/hooks/pbx/asterisk?{ASTERISK_QUERY}", b"", {**FORM, **auth()}),
-        pbx(CALL, path="/hooks/pbx/nosuchpbx"),  # 404, from Flask in both
+        pbx(CALL, path="/hooks/pbx/nosuchpbx"),  # 404 naming the known PBXs
         pbx(CALL, path="/hooks/pbx/generic/"),  # 404
         Request("GET", "/hooks/pbx/generic", headers=auth()),  # 405
         Request("PUT", "/hooks/stt/generic", SIGNED_BODY, {**JSON, **auth()}),  # 405
@@ -85,7 +84,7 @@ def conversation() -> list[Request]:
 
 
 def build_app(directory: Path, webhook_url: str) -> Flask:
-    """The app on a fresh SQLite database (the lane is the same code on both backends)."""
+    """The app on a fresh SQLite database (the router is the same code on both backends)."""
     url = f"sqlite:///{directory}/b24scribe.sqlite3"
     directory.mkdir()
     database = Database(url)
@@ -94,18 +93,8 @@ def build_app(directory: Path, webhook_url: str) -> Flask:
     return create_app(make_settings(url, webhook_url).with_overrides(max_body_bytes=4096))
 
 
-def flask_only(app: Flask) -> Client:
-    """The app served by Flask alone: its own wsgi_app, inside the same request-id middleware."""
-    return Client(RequestId(functools.partial(Flask.wsgi_app, app)), TestResponse)
-
-
 def send(client: Client, request: Request) -> TestResponse:
     return client.open(request.path, method=request.method, data=request.body, headers=request.headers or {})
-
-
-def headers(response: TestResponse) -> list[tuple[str, str]]:
-    """The answer's headers but its request id (a new one each time)."""
-    return sorted((name, value) for name, value in response.headers.items() if name != "X-Request-Id")
 
 
 def stored(app: Flask) -> list[tuple[Any, ...]]:
@@ -117,33 +106,74 @@ def stored(app: Flask) -> list[tuple[Any, ...]]:
 
 
 @pytest.fixture
-def two_apps(fake_bitrix24: FakeBitrix24, tmp_path: Path) -> Iterator[tuple[Flask, Flask]]:
-    lane = build_app(tmp_path / "lane", fake_bitrix24.webhook_url)
-    plain = build_app(tmp_path / "flask", fake_bitrix24.webhook_url)
-    yield lane, plain
-    for app in (lane, plain):
-        app.extensions["b24scribe.db"].dispose()
+def hook_app(fake_bitrix24: FakeBitrix24, tmp_path: Path) -> Iterator[Flask]:
+    app = build_app(tmp_path / "app", fake_bitrix24.webhook_url)
+    yield app
+    app.extensions["b24scribe.db"].dispose()
 
 
-def test_the_lane_answers_and_stores_exactly_as_the_flask_views(two_apps: tuple[Flask, Flask]) -> None:
-    lane_app, flask_app = two_apps
-    lane, plain = lane_app.test_client(), flask_only(flask_app)
-    statuses = []
+def test_what_users_send_gets_its_answer_in_the_one_error_shape(hook_app: Flask) -> None:
+    client = hook_app.test_client()
+    answers = []
     for request in conversation():
-        via_lane, via_flask = send(lane, request), send(plain, request)
-        statuses.append(via_lane.status_code)
-        assert (via_lane.status_code, via_lane.get_data()) == (via_flask.status_code, via_flask.get_data()), request
-        assert via_lane.status == via_flask.status, request  # the status line too
-        assert headers(via_lane) == headers(via_flask), request
-        assert via_lane.headers.get("X-Request-Id") and via_flask.headers.get("X-Request-Id"), request
-    # the conversation covers what it says it does
-    assert statuses[:16] == [202, 200, 202, 401, 401, 422, 422, 422, 422, 422, 413, 202, 404, 404, 405, 405]
-    assert statuses[16:] == [202, 200, 202, 401, 422, 422, 422, 404, 400, 422]
-    assert stored(lane_app) == stored(flask_app)
-    assert len(stored(lane_app)) > 10
+        answer = send(client, request)
+        assert answer.headers.get("X-Request-Id"), request
+        assert answer.content_type == "application/json", request
+        body = answer.get_json()
+        answers.append((answer.status_code, body["error"]["code"] if answer.status_code >= 400 else body["duplicate"]))
+    assert answers[:16] == [
+        (202, False),
+        (200, True),
+        (202, False),
+        (401, "bad_credentials"),
+        (401, "unauthenticated"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (413, "body_too_large"),
+        (202, False),
+        (404, "unknown_pbx"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (405, "method_not_allowed"),
+    ]
+    assert answers[16:] == [
+        (202, False),
+        (200, True),
+        (202, False),
+        (401, "bad_signature"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (422, "invalid_payload"),
+        (404, "unknown_vendor"),
+        (400, "too_many_fields"),
+        (422, "invalid_payload"),
+    ]
+    rows = stored(hook_app)
+    assert [row[6] for row in rows if len(row) == 8].count("rejected") == 8  # each 422 kept, but the repeat
+    assert len(rows) > 10
 
 
-def test_the_lane_takes_the_known_hooks_and_flask_everything_else(app: Flask) -> None:
+def test_unknown_names_are_404s_naming_the_known_ones_and_other_methods_405s(client: FlaskClient) -> None:
+    answer = client.post("/hooks/pbx/nosuchpbx", json=CALL, headers=auth())
+    assert answer.status_code == 404
+    assert answer.get_json()["error"]["message"] == "no PBX 'nosuchpbx'; known: asterisk, generic"
+    answer = client.post("/hooks/stt/nosuchvendor", json=TRANSCRIPT, headers=auth())
+    assert answer.get_json()["error"]["code"] == "unknown_vendor"
+    assert "deepgram" in answer.get_json()["error"]["message"]
+    answer = client.get("/hooks/pbx/generic", headers=auth())
+    assert (answer.status_code, answer.headers["Allow"]) == (405, "POST")
+    for path in ("/hooks", "/hooks/", "/hooks/pbx", "/hooks/pbx/", "/hooks/fax/generic", "/hooks/pbx/generic/x"):
+        answer = client.post(path, json=CALL, headers=auth())
+        assert (answer.status_code, answer.get_json()["error"]["code"]) == (404, "not_found"), path
+
+
+def test_no_route_is_served_twice(app: Flask) -> None:
+    """Flask has no rule under /hooks (the hooks' application serves them all), and the hooks'
+    application takes nothing outside it: Flask's own requests never reach it."""
+    assert [rule.rule for rule in app.url_map.iter_rules() if rule.rule.startswith("/hooks")] == []
     dispatched: list[str] = []
 
     def on_request_started(sender: Flask, **_: Any) -> None:
@@ -154,48 +184,43 @@ def test_the_lane_takes_the_known_hooks_and_flask_everything_else(app: Flask) ->
         assert client.post("/hooks/pbx/generic", json=CALL, headers=auth()).status_code == 202
         assert client.post("/hooks/stt/generic?pbx=generic&call=1", json=TRANSCRIPT, headers=auth()).status_code == 202
         assert client.post("/hooks/pbx/nosuchpbx", json=CALL, headers=auth()).status_code == 404
+        assert client.post("/hooksx/pbx/generic", json=CALL, headers=auth()).status_code == 404
         assert client.get("/livez").status_code == 200
-
-    assert dispatched == ["/hooks/pbx/nosuchpbx", "/livez"]
+    assert dispatched == ["/hooksx/pbx/generic", "/livez"]
 
 
 def test_a_bug_in_a_parser_is_logged_and_the_event_kept_as_rejected_never_a_500(
-    two_apps: tuple[Flask, Flask], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    hook_app: Flask, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*_: Any) -> None:
         raise RecursionError("a bug")
 
     monkeypatch.setattr("handlers.hooks.parse_call_event", broken)
-    lane_app, flask_app = two_apps
     with caplog.at_level(logging.ERROR):
-        via_lane = lane_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
-    via_flask = send(flask_only(flask_app), pbx(CALL))
+        answer = hook_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
 
-    assert via_lane.status_code == 422  # the sender's body may be fine: it is kept, to replay after the fix
-    assert via_lane.get_json()["error"]["fields"]["_body"] == [
+    assert answer.status_code == 422  # the sender's body may be fine: it is kept, to replay after the fix
+    assert answer.get_json()["error"]["fields"]["_body"] == [
         "this version cannot read the call event; it is kept and can be replayed after a fix"
     ]
-    assert (via_lane.status_code, via_lane.get_data()) == (via_flask.status_code, via_flask.get_data())
     logged = [record for record in caplog.records if "a hook's parser failed" in str(record.msg)]
     assert logged and logged[0].exc_info is not None
-    assert [row[6] for row in stored(lane_app)] == ["rejected"]
+    assert [row[6] for row in stored(hook_app)] == ["rejected"]
 
 
 def test_a_bug_while_storing_is_a_logged_500_in_the_one_error_shape(
-    two_apps: tuple[Flask, Flask], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    hook_app: Flask, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr("handlers.hooks.store_event", broken)
-    lane_app, flask_app = two_apps
     with caplog.at_level(logging.ERROR):
-        via_lane = lane_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
-    via_flask = send(flask_only(flask_app), pbx(CALL))
+        answer = hook_app.test_client().post("/hooks/pbx/generic", json=CALL, headers=auth())
 
-    assert via_lane.status_code == 500  # nothing is stored: the sender retries
-    assert via_lane.get_json()["error"]["code"] == "http_error"
-    assert (via_lane.status_code, via_lane.get_data()) == (via_flask.status_code, via_flask.get_data())
+    assert answer.status_code == 500  # nothing is stored: the sender retries
+    assert answer.get_json()["error"]["code"] == "http_error"
+    assert answer.headers.get("X-Request-Id")
     logged = [record for record in caplog.records if "unhandled error in a hook" in str(record.msg)]
     assert logged and logged[0].exc_info is not None
-    assert stored(lane_app) == []
+    assert stored(hook_app) == []

@@ -13,11 +13,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 
 from app import create_app
-from b24scribe import inbox
+from b24scribe import folding
 from b24scribe.db import Database
 from b24scribe.models import InboundEvent, Job, TranscriptPart
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import INBOUND_TOKEN, auth, sign_standard_webhook
 
 TRANSCRIPT = {
@@ -159,7 +160,7 @@ class TestStorage:
             jobs = list(session.scalars(select(Job)))
             assert [(job.kind, job.state, job.event_id) for job in jobs] == [("apply", "pending", event.id)]
 
-        inbox.apply_pending(database, worker.settings)  # the worker folds it into its call
+        folding.apply_pending(database, worker.settings, SOURCES)  # the worker folds it into its call
 
         with database.read() as session:
             jobs = list(session.scalars(select(Job).order_by(Job.id)))
@@ -174,7 +175,7 @@ class TestStorage:
         assert first.status_code == 202
         assert second.status_code == 200
         assert second.json == {"event_id": first.json["event_id"], "duplicate": True}  # type: ignore[index]
-        inbox.apply_pending(database, worker.settings)
+        folding.apply_pending(database, worker.settings, SOURCES)
         assert count(database, Job) == 2  # one apply, one attach
         assert count(database, TranscriptPart) == 1
 
@@ -278,7 +279,7 @@ def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_t
 ) -> None:
     first = client.post(URL, json=TRANSCRIPT, headers=auth()).json["event_id"]  # type: ignore[index]
     client.post("/hooks/stt/generic?b24_call_id=externalCall.next.2", json=TRANSCRIPT, headers=auth())
-    real_fold = inbox.fold_batch
+    real_fold = folding.fold_batch
     broken = {"now": True}
 
     def fail_on_the_first(session: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -286,8 +287,8 @@ def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_t
             raise RuntimeError("a bug in the fold")
         return real_fold(session, batch, *args, **kwargs)
 
-    monkeypatch.setattr("b24scribe.inbox.fold_batch", fail_on_the_first)
-    assert inbox.apply_pending(database, worker.settings) == 2
+    monkeypatch.setattr("b24scribe.folding.fold_batch", fail_on_the_first)
+    assert folding.apply_pending(database, worker.settings, SOURCES) == 2
     with database.read() as session:
         applies = list(session.scalars(select(Job).where(Job.kind == "apply").order_by(Job.id)))
         assert [(job.state, job.attempts) for job in applies] == [("pending", 1), ("done", 0)]
@@ -297,7 +298,7 @@ def test_an_event_the_worker_fails_to_fold_is_retried_later_and_does_not_block_t
     with database.write() as session:
         session.get_one(Job, retried).next_attempt_at = 0
     broken["now"] = False  # the bug is fixed
-    assert inbox.apply_pending(database, worker.settings) == 1
+    assert folding.apply_pending(database, worker.settings, SOURCES) == 1
     assert count(database, TranscriptPart) == 2
 
 
@@ -307,7 +308,7 @@ def test_a_stored_event_that_can_no_longer_be_read_is_a_dead_apply_job_with_the_
     event_id = client.post(URL, json=TRANSCRIPT, headers=auth()).json["event_id"]  # type: ignore[index]
     with database.write() as session:  # as if the parser changed since the event was accepted
         session.get_one(InboundEvent, event_id).body = b'{"segments": []}'
-    assert inbox.apply_pending(database, worker.settings) == 1
+    assert folding.apply_pending(database, worker.settings, SOURCES) == 1
     with database.read() as session:
         job = session.scalars(select(Job).where(Job.kind == "apply")).one()
         assert job.state == "dead"

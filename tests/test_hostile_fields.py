@@ -22,12 +22,8 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 
 from b24scribe.db import Database
-from b24scribe.ingest import CallEvent, RawEvent, bounded_key, call_event_key, storable_error, transcript_key
-from b24scribe.intake import PBX_PARSERS, parse_call_event, parse_transcript
-from b24scribe.models import Call, InboundEvent, TranscriptPart
-from b24scribe.transcript import VendorResult
-from b24scribe.worker import Worker
-from schemas.limits import (
+from b24scribe.events import CallEvent, RawEvent, bounded_key, call_event_key, storable_error, transcript_key
+from b24scribe.limits import (
     MAX_CHANNEL,
     MAX_DURATION,
     MAX_ID_LENGTH,
@@ -37,7 +33,12 @@ from schemas.limits import (
     checked_vendor_result,
     has_unstorable,
 )
-from schemas.registry import STT_VENDORS
+from b24scribe.models import Call, InboundEvent, TranscriptPart
+from b24scribe.parsing import parse_call_event, parse_transcript
+from b24scribe.transcript import VendorResult
+from b24scribe.worker import Worker
+from schemas.registry import PBX_SOURCES as PBX_PARSERS
+from schemas.registry import SOURCES, STT_VENDORS
 from tests.conftest import admin, auth, sign_standard_webhook
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.test_pbx_flow import FINISHED
@@ -188,7 +189,7 @@ def assert_parsed_or_named(parse: Callable[[], Any]) -> None:
 
 
 def parse_stt(vendor: str, body: bytes, query: Mapping[str, str]) -> Callable[[], Any]:
-    return lambda: parse_transcript(vendor, body, query)
+    return lambda: parse_transcript(SOURCES, vendor, body, query)
 
 
 def fetch_parsers() -> list[tuple[str, Callable[[bytes, Mapping[str, str]], VendorResult]]]:
@@ -290,21 +291,21 @@ PBX_DOCUMENT = {**FINISHED, "user_id": 7}
 @HOSTILE_SETTINGS
 @given(pbx=st.sampled_from(sorted(PBX_PARSERS)), body=st.binary(max_size=300))
 def test_any_bytes_to_any_pbx_parser_are_parsed_or_named(pbx: str, body: bytes) -> None:
-    assert_parsed_or_named(lambda: parse_call_event(pbx, body, {}))
+    assert_parsed_or_named(lambda: parse_call_event(SOURCES, pbx, body, {}))
 
 
 @HOSTILE_SETTINGS
 @given(pbx=st.sampled_from(sorted(PBX_PARSERS)), document=JSON_VALUES)
 def test_any_json_to_any_pbx_parser_is_parsed_or_named(pbx: str, document: Any) -> None:
     body = json.dumps(document).encode()
-    assert_parsed_or_named(lambda: parse_call_event(pbx, body, {}))
+    assert_parsed_or_named(lambda: parse_call_event(SOURCES, pbx, body, {}))
 
 
 @HOSTILE_SETTINGS
 @given(data=st.data())
 def test_hostile_mutations_of_a_generic_pbx_event_are_parsed_or_named(data: st.DataObject) -> None:
     body = data.draw(mutated(PBX_DOCUMENT))
-    assert_parsed_or_named(lambda: parse_call_event("generic", body, {}))
+    assert_parsed_or_named(lambda: parse_call_event(SOURCES, "generic", body, {}))
 
 
 FORM_VALUES = st.one_of(
@@ -319,13 +320,13 @@ def test_hostile_asterisk_form_fields_are_parsed_or_named(name: str, value: str,
     form = {key: str(item) for key, item in PBX_DOCUMENT.items()}
     form[name] = value
     if in_query:
-        assert_parsed_or_named(lambda: parse_call_event("asterisk", b"", form))
+        assert_parsed_or_named(lambda: parse_call_event(SOURCES, "asterisk", b"", form))
     else:
         body = "&".join(
             f"{key}={item if '%' in item else quote(item, safe='', errors='surrogatepass')}"
             for key, item in form.items()
         )
-        assert_parsed_or_named(lambda: parse_call_event("asterisk", body.encode("utf-8", "surrogatepass"), {}))
+        assert_parsed_or_named(lambda: parse_call_event(SOURCES, "asterisk", body.encode("utf-8", "surrogatepass"), {}))
 
 
 # --- the cases the review found, through the hooks ----------------------------------------------------
@@ -568,7 +569,7 @@ def test_short_printable_keys_are_kept_as_they_were() -> None:
 def test_long_ids_keep_their_channel_apart_and_fit_the_column() -> None:
     job_id = "j" * 400
     result = VendorResult(status="completed", vendor_job_id=job_id)
-    from b24scribe.ingest import TranscriptOptions
+    from b24scribe.events import TranscriptOptions
 
     first = transcript_key(raw(), result, TranscriptOptions(channel_slot=0))
     second = transcript_key(raw(), result, TranscriptOptions(channel_slot=1))
@@ -632,7 +633,7 @@ def test_long_and_short_text_are_checked_alike(text: str, hostile: str, padding:
 
 
 def test_a_dry_run_portal_label_must_fit_its_column() -> None:
-    from b24scribe.intake import resolve_portal
+    from b24scribe.parsing import resolve_portal
     from b24scribe.settings import Settings
 
     dry_run = Settings()

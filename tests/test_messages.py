@@ -9,9 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-from b24scribe.transcript import UNDECIDED_SPEAKER, Direction, Role, Segment, Side, Transcript
-from schemas import bitrix24
-from schemas.bitrix24 import (
+from b24scribe import messages
+from b24scribe.messages import (
     ATTACH_TRANSCRIPTION_SCHEMA,
     MAX_MESSAGE_BYTES,
     MESSAGE_SCHEMA,
@@ -21,6 +20,7 @@ from schemas.bitrix24 import (
     build_messages,
     check_attributable,
 )
+from b24scribe.transcript import UNDECIDED_SPEAKER, Direction, Role, Segment, Side, Transcript
 
 KEYS = {"SIDE", "START_TIME", "STOP_TIME", "MESSAGE"}
 INBOUND = SideRules()
@@ -594,7 +594,7 @@ def test_any_attributable_transcript_becomes_valid_messages(transcript: Transcri
 
 @given(any_transcript, any_rules)
 def test_no_message_starts_earlier_than_the_one_before_it(transcript: Transcript, rules: SideRules) -> None:
-    starts = [draft[0] for draft in bitrix24._drafts(transcript, rules)]
+    starts = [draft[0] for draft in messages._drafts(transcript, rules)]
 
     assert all(earlier <= later for earlier, later in zip(starts, starts[1:], strict=False))
 

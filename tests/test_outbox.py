@@ -17,13 +17,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
 from app import create_app
-from b24scribe import inbox, outbox, ratelimit
+from b24scribe import folding, outbox, ratelimit
 from b24scribe.db import Database
 from b24scribe.models import AttachLedger, Job, PortalPacing
 from b24scribe.outbox import Claim
 from b24scribe.ratelimit import Pace
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
@@ -455,7 +456,7 @@ def service(settings: Settings, db: Database, portals: dict[str, str]) -> Iterat
         bitrix24_webhook_url=None, bitrix24_portals=portals, retry_schedule=(0.3, 0.6), bitrix24_timeout=0.5
     )
     app = create_app(configured)
-    yield app, Worker(app.extensions["b24scribe.db"], configured)
+    yield app, Worker(app.extensions["b24scribe.db"], configured, SOURCES)
     app.extensions["b24scribe.db"].dispose()
 
 
@@ -678,7 +679,7 @@ def test_every_request_of_a_job_takes_a_token(
         rate_burst=1,
     )
     app = create_app(paced)
-    worker = Worker(app.extensions["b24scribe.db"], paced)
+    worker = Worker(app.extensions["b24scribe.db"], paced, SOURCES)
     fake_bitrix24.configure(deny_statistics=True)  # the look-up is answered, the resend follows
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
@@ -716,7 +717,7 @@ def test_a_worker_whose_job_was_reclaimed_while_it_stalled_does_not_send(
     db: Database = app.extensions["b24scribe.db"]
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
-    inbox.apply_pending(db, worker.settings)  # fold the stored event: its attach job is queued
+    folding.apply_pending(db, worker.settings, SOURCES)  # fold the stored event: its attach job is queued
     claimed = worker.claim()
     assert claimed is not None
     # the worker stalls for longer than the lease (its claim is that old when it wakes up) ...
@@ -744,7 +745,7 @@ def test_a_fresh_claim_of_a_worker_taken_for_dead_is_not_sent(
     db: Database = app.extensions["b24scribe.db"]
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
-    inbox.apply_pending(db, worker.settings)
+    folding.apply_pending(db, worker.settings, SOURCES)
     claimed = worker.claim()
     assert claimed is not None
     dead_after = worker.settings.worker_dead_after_seconds

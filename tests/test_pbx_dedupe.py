@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app import create_app
 from b24scribe.db import Database
-from b24scribe.ingest import RawEvent, call_event_key
+from b24scribe.events import RawEvent, call_event_key
 from b24scribe.models import InboundEvent, Job
 from b24scribe.settings import Settings
 from tests.conftest import auth

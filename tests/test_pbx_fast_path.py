@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-from b24scribe.ingest import CallEvent
+from b24scribe.events import CallEvent
 from b24scribe.transcript import Direction
 from schemas import pbx_events
 from schemas.pbx_events import (

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
 
@@ -175,7 +176,7 @@ def test_an_extension_no_bitrix24_user_has_falls_back_to_the_default_user(
     app = create_app(settings.with_overrides(default_user_id=1))
     client = app.test_client()
     post_event(client, {**FINISHED, "extension": "999"})
-    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"]).drain()
+    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES).drain()
 
     registers = fake_bitrix24.calls_to("telephony.externalCall.register")
     assert [r.status for r in registers] == [400, 200]
@@ -227,7 +228,7 @@ def test_an_anonymous_caller_is_registered_as_0_without_a_lead(
     app = create_app(settings.with_overrides(crm_create=True))
     client = app.test_client()
     post_event(client, {**FINISHED, "from": "anonymous"})
-    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"]).drain()
+    Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES).drain()
     register = fake_bitrix24.calls_to("telephony.externalCall.register")[0]
     assert register.status == 200
     assert register.params["PHONE_NUMBER"] == "0"
@@ -265,11 +266,14 @@ def test_a_transcript_whose_call_never_appears_is_reported_and_delivered_if_it_t
     attach = call_state(client, "lost.1")["jobs"][0]
     assert attach["state"] == "dead"
     assert attach["last_error"].startswith("orphan: the PBX did not report this call")
+    assert attach["dead_reason"] == "orphan"
 
     post_event(client, {**FINISHED, "call_id": "lost.1"})
     worker.drain()
     state = call_state(client, "lost.1")
     assert state["transcripts"][0]["state"] == "delivered"
+    attach = next(job for job in state["jobs"] if job["kind"] == "attach")
+    assert attach["state"] == "done" and attach["dead_reason"] is None
 
 
 def test_events_with_unknown_values_are_422_naming_the_allowed_ones(client: FlaskClient) -> None:

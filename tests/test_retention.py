@@ -15,6 +15,7 @@ from b24scribe.models import InboundEvent, Job, TranscriptPart
 from b24scribe.replay import replay_event
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.operations import CALL_ID, FINISHED, SENTENCE, post_call, post_transcript
@@ -85,9 +86,9 @@ def test_recent_events_and_open_work_are_kept(client: FlaskClient, worker: Worke
     worker.drain()
     post_call(client, "waiting-call", event="call.started")
     post_transcript(client, "waiting-call")  # its attach job waits for the call to finish
-    from b24scribe import inbox
+    from b24scribe import folding
 
-    inbox.apply_pending(db, worker.settings)
+    folding.apply_pending(db, worker.settings, SOURCES)
 
     nothing_old = retention.purge(db, 30)[0]
     report = retention.purge(db, 30, now=later(31))[0]
@@ -117,7 +118,7 @@ def test_an_old_rejected_event_is_purged_and_then_not_replayed(
     event_id = rejected.get_json()["error"]["fields"]["event_id"]
 
     report = retention.purge(db, 30, now=later(31))[0]
-    replayed = replay_event(db, settings, event_id)
+    replayed = replay_event(db, settings, SOURCES, event_id)
 
     assert (report.events, report.rejected_events) == (1, 1)
     assert (replayed.outcome, replayed.detail) == ("skipped", "purged by retention: its body is no longer stored")

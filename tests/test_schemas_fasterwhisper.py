@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from marshmallow import ValidationError
 
+from b24scribe.messages import SideRules, build_messages
 from b24scribe.transcript import Segment
 from schemas import fasterwhisper
-from schemas.bitrix24 import SideRules, build_messages
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fasterwhisper"
 

@@ -5,11 +5,24 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import requests
+from alembic import command
+from sqlalchemy import inspect, text
 
+from b24scribe import outbox
+from b24scribe.db import Database
+from b24scribe.delivery.fetches import FetchFailed, VendorFetches
+from b24scribe.delivery.recording import Recorder
+from b24scribe.delivery.sender import pace_from
+from b24scribe.migrate import alembic_config, upgrade
+from b24scribe.models import Call, DeadReason, Job, JobKind, JobState
 from b24scribe.settings import DEFAULT_RETRY_SCHEDULE, Settings, SettingsError, load_settings
 from b24scribe.transcript import Role
+from schemas.registry import SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +82,8 @@ def test_values_are_read_and_typed() -> None:
         ("B24SCRIBE_BODY_TIMEOUT_SECONDS", "0.01", "at least 0.1"),
         ("B24SCRIBE_BODY_TIMEOUT_SECONDS", "inf", "finite"),
         ("B24SCRIBE_PUBLIC_URL", "b24scribe.example.com", "base URL"),
+        ("B24SCRIBE_VENDOR_TIMEOUT_SECONDS", "0", "at least 0.1"),
+        ("B24SCRIBE_VENDOR_TIMEOUT_SECONDS", "soon", "expected a number"),
     ],
 )
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
@@ -120,3 +135,122 @@ def test_retention_metrics_token_and_public_url_are_read() -> None:
     )
     assert (settings.retention_days, settings.metrics_token) == (7.0, "scrape-me")
     assert settings.public_url == "https://b24scribe.example.com"
+
+
+# --- B24SCRIBE_VENDOR_TIMEOUT_SECONDS: vendor fetches wait on their own timeout, not Bitrix24's ---------
+
+
+def test_the_vendor_timeout_is_read_and_defaults_to_30_seconds() -> None:
+    assert load_settings({}, dotenv=False).vendor_timeout_seconds == 30.0
+    settings = load_settings(
+        {"B24SCRIBE_VENDOR_TIMEOUT_SECONDS": "90", "B24SCRIBE_BITRIX24_TIMEOUT": "5"}, dotenv=False
+    )
+    assert (settings.vendor_timeout_seconds, settings.bitrix24_timeout) == (90.0, 5.0)
+    assert "VENDOR_TIMEOUT_SECONDS" not in settings.vendor, "a setting of its own, not a vendor's"
+
+
+class _Unreachable:
+    """An HTTP session that records the timeout it was given and never answers."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def get(self, url: str, headers: dict[str, str], timeout: float) -> Any:
+        self.timeouts.append(timeout)
+        raise requests.ConnectionError("down")
+
+
+def test_a_vendor_fetch_waits_for_the_vendor_timeout_not_the_bitrix24_one(tmp_path: Path) -> None:
+    settings = Settings(bitrix24_timeout=2.0, vendor_timeout_seconds=45.0, vendor={"ASSEMBLYAI_API_KEY": "k"})
+    http = _Unreachable()
+    database = Database(f"sqlite:///{tmp_path}/fetch.sqlite3")
+    try:
+        fetches = VendorFetches(
+            database,
+            settings,
+            SOURCES,
+            http,
+            Recorder(database, pace_from(settings), settings.retry_schedule),  # type: ignore[arg-type]
+        )
+        part = SimpleNamespace(vendor="assemblyai", vendor_job_id="abc")
+        outcome = fetches._get(part, {})  # type: ignore[arg-type]
+    finally:
+        database.dispose()
+    assert http.timeouts == [45.0]
+    assert outcome == FetchFailed("assemblyai API unreachable: ConnectionError", retry=True)
+
+
+# --- Job.dead_reason: why a job is dead, set where it dies, cleared when it comes back -----------------
+
+
+def test_a_job_says_why_it_died_and_forgets_it_when_replayed(db: Database) -> None:
+    with db.write() as session:
+        killed = outbox.enqueue(session, JobKind.REGISTER, portal="p", now=0.0)
+        exhausted = outbox.enqueue(session, JobKind.FINISH, portal="p", now=0.0)
+        retried = outbox.enqueue(session, JobKind.ATTACH, portal="p", now=0.0)
+        outbox.kill(session, killed, "400 ERROR_ARGUMENT: bad phone", 1.0)
+        outbox.retry_later(session, exhausted, "HTTP 503", 1.0, schedule=())
+        outbox.retry_later(session, retried, "HTTP 503", 1.0, schedule=(10.0,))
+        ids = killed.id, exhausted.id, retried.id
+    with db.read() as session:
+        rows = [session.get_one(Job, job_id) for job_id in ids]
+        assert [(job.state, job.dead_reason) for job in rows] == [
+            ("dead", "permanent"),
+            ("dead", "retries"),
+            ("pending", None),
+        ]
+        assert rows[0].last_error == "400 ERROR_ARGUMENT: bad phone", "the words stay for people"
+        assert rows[1].last_error == "gave up after 1 attempts: HTTP 503"
+    with db.write() as session:
+        replayed = outbox.replay(session, ids[0], now=2.0)
+        assert replayed is not None and replayed.state == JobState.PENDING
+    with db.read() as session:
+        assert session.get_one(Job, ids[0]).dead_reason is None
+
+
+def test_only_jobs_dead_as_orphans_come_back_when_their_call_finishes(db: Database) -> None:
+    with db.write() as session:
+        call = Call(portal="p", created_at=0.0, updated_at=0.0)
+        session.add(call)
+        session.flush()
+        orphan = outbox.enqueue(session, JobKind.ATTACH, call_id=call.id, portal="p", now=0.0)
+        refused = outbox.enqueue(session, JobKind.ATTACH, call_id=call.id, portal="p", now=0.0)
+        orphan.state, orphan.dead_reason, orphan.last_error = JobState.DEAD, DeadReason.ORPHAN, "the call never came"
+        # a permanent failure whose words happen to start like an orphan's is not revived
+        outbox.kill(session, refused, "orphan: looks like one, is not", 1.0)
+        call_id, ids = call.id, (orphan.id, refused.id)
+    with db.write() as session:
+        outbox.revive_orphans(session, call_id)
+        assert outbox.run_releases(session, 3.0) == 1
+    with db.read() as session:
+        first, second = (session.get_one(Job, job_id) for job_id in ids)
+        assert (first.state, first.dead_reason, first.last_error, first.attempts) == ("pending", None, None, 0)
+        assert (second.state, second.dead_reason) == ("dead", "permanent")
+
+
+# --- migration 0004: the column, the orphans already dead, and back ---------------------------------------
+
+
+def test_migration_0004_adds_dead_reason_marks_the_dead_orphans_and_is_reversible(database_url: str) -> None:
+    upgrade(database_url, "0003")
+    database = Database(database_url)
+    try:
+        insert = text(
+            "INSERT INTO job (kind, state, attempts, next_attempt_at, ambiguous, last_error, created_at, updated_at)"
+            " VALUES (:kind, :state, 0, 0, false, :error, 0, 0)"
+        )
+        with database.write_engine.begin() as connection:
+            connection.execute(insert, {"kind": "attach", "state": "dead", "error": "orphan: the PBX did not …"})
+            connection.execute(insert, {"kind": "attach", "state": "dead", "error": "gave up after 12 attempts: 503"})
+            connection.execute(insert, {"kind": "attach", "state": "waiting", "error": "orphan: not dead (yet)"})
+        upgrade(database_url)
+        with database.write_engine.connect() as connection:
+            reasons = connection.execute(text("SELECT dead_reason FROM job ORDER BY id")).scalars().all()
+        assert reasons == ["orphan", None, None]
+        command.downgrade(alembic_config(database_url), "0003")
+        database.dispose()
+        columns = {column["name"] for column in inspect(database.write_engine).get_columns("job")}
+        assert "dead_reason" not in columns and "last_error" in columns
+        upgrade(database_url)
+    finally:
+        database.dispose()

@@ -19,12 +19,13 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from app import create_app
-from b24scribe import inbox
+from b24scribe import folding
 from b24scribe.db import Database
 from b24scribe.models import Call, InboundEvent, Job
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
 from handlers.status_page import SignInThrottle
+from schemas.registry import SOURCES
 from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.operations import (
@@ -305,6 +306,16 @@ def test_the_overview_shows_what_failed_and_why(
     assert SENTENCE not in html  # transcript text stays out of the page
 
 
+def test_the_overview_lists_each_sources_url_to_paste_from_the_registry(client: FlaskClient) -> None:
+    sign_in(client)
+    html = client.get("/status/").get_data(as_text=True)
+
+    for source in SOURCES:
+        assert f"http://localhost/hooks/{source.kind}/{source.name}" in html
+    assert "standard-webhooks (set)" in html  # the generic hooks' signature, its secret set in the tests
+    assert INBOUND_TOKEN not in html  # the credential itself is never shown
+
+
 def test_retry_needs_the_csrf_token(
     client: FlaskClient, worker: Worker, fake_bitrix24: FakeBitrix24, db: Database
 ) -> None:
@@ -437,7 +448,7 @@ def test_an_admin_signs_in_opens_a_call_and_retries_its_dead_job(
     post_call(client, "1700000042.7", event="call.started", extension="102")
     post_transcript(client, "1700000042.7")
     client.post("/hooks/pbx/generic", json={**FINISHED, "call_id": "x", "status": "voicemail"}, headers=auth())
-    inbox.apply_pending(db, worker.settings)  # folded into their calls, not delivered yet
+    folding.apply_pending(db, worker.settings, SOURCES)  # folded into their calls, not delivered yet
     with db.read() as session:
         dead = session.query(Job).filter(Job.state == "dead").one()
 

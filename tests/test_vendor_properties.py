@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
+from b24scribe.messages import MESSAGES_SCHEMA, SideRules, build_messages, check_attributable
 from b24scribe.transcript import Direction, Role, VendorResult
 from schemas import assemblyai, deepgram, fasterwhisper, openai, revai, speechmatics, whispercpp
-from schemas.bitrix24 import MESSAGES_SCHEMA, SideRules, build_messages, check_attributable
 
 Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
 Payload = tuple[Any, dict[str, str]]  # JSON body, callback URL query

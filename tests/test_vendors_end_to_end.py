@@ -14,6 +14,7 @@ from flask import Flask
 from app import create_app
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import admin, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_vendor_api import FakeVendorApi
@@ -64,7 +65,7 @@ def post(vendor_app: Flask) -> Any:
 
 @pytest.fixture
 def drain(vendor_app: Flask) -> Any:
-    worker = Worker(vendor_app.extensions["b24scribe.db"], vendor_app.extensions["b24scribe.settings"])
+    worker = Worker(vendor_app.extensions["b24scribe.db"], vendor_app.extensions["b24scribe.settings"], SOURCES)
     return worker.drain
 
 

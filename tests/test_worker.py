@@ -17,12 +17,14 @@ from flask import Flask
 from sqlalchemy import create_engine, select, text, update
 
 from app import create_app
-from b24scribe import delivery, inbox, outbox
+from b24scribe import folding, outbox
 from b24scribe import worker as worker_module
 from b24scribe.db import Database
+from b24scribe.delivery import steps
 from b24scribe.models import Call, Job, WorkerHeartbeat
 from b24scribe.settings import Settings, SettingsError, load_settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import POSTGRES_URL, auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
 
@@ -71,7 +73,7 @@ def jobs(db: Database, kind: str = "attach") -> list[Job]:
 def service(settings: Settings, **changes: Any) -> tuple[Flask, Worker]:
     configured = settings.with_overrides(**changes)
     app = create_app(configured)
-    return app, Worker(app.extensions["b24scribe.db"], configured)
+    return app, Worker(app.extensions["b24scribe.db"], configured, SOURCES)
 
 
 # --- 1. folding and delivery take turns ---------------------------------------------------------
@@ -83,7 +85,7 @@ def test_folding_and_delivery_take_turns_so_delivery_never_starves_while_events_
     app, worker = service(settings)
     waiting_call = finished_call(fake_bitrix24.webhook_url)
     post_transcript(app, waiting_call)
-    assert inbox.apply_pending(db, worker.settings) == 1  # its attach job is due
+    assert folding.apply_pending(db, worker.settings, SOURCES) == 1  # its attach job is due
     monkeypatch.setattr(worker_module, "FOLD_SECONDS", 0.0)  # a fold pass: one batch
     folded = 0
     for turn in range(3):  # events keep arriving: each turn has new ones to fold
@@ -167,14 +169,14 @@ def test_a_poison_job_ends_dead_with_its_reason_while_the_portals_other_calls_ke
     app, worker = service(settings, rate_per_second=5.0, rate_burst=1, retry_schedule=(0.2, 0.2))
     calls = [finished_call(fake_bitrix24.webhook_url) for _ in range(6)]
     poisoned = calls[2]
-    translate = delivery.build_attach
+    translate = steps.build_attach
 
     def build_attach(call: Any, parts: Any, settings: Settings) -> Any:
         if call.b24_call_id == poisoned:
             raise RuntimeError("speaker 7 has no side")  # a translation bug, for this call only
         return translate(call, parts, settings)
 
-    monkeypatch.setattr(delivery, "build_attach", build_attach)
+    monkeypatch.setattr(steps, "build_attach", build_attach)
     for call_id in calls:
         post_transcript(app, call_id)
 
@@ -201,12 +203,12 @@ def test_a_fold_that_fails_unexpectedly_never_stops_delivery(
     app, worker = service(settings)
     call_id = finished_call(fake_bitrix24.webhook_url)
     post_transcript(app, call_id)
-    inbox.apply_pending(db, worker.settings)
+    folding.apply_pending(db, worker.settings, SOURCES)
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise RuntimeError("a bug in folding")
 
-    monkeypatch.setattr(inbox, "apply_pending", broken)
+    monkeypatch.setattr(folding, "apply_pending", broken)
     assert worker.run_once() is True
     worker.wait_for_senders(10)
     assert len(fake_bitrix24.attachments_by_call()[call_id]) == 1
@@ -220,10 +222,10 @@ def test_a_worker_not_seen_for_the_dead_after_time_loses_its_jobs_and_slots_to_a
     settings: Settings, db: Database, fake_bitrix24: FakeBitrix24
 ) -> None:
     app, dead = service(settings, portal_concurrency=1, lease_seconds=600.0)
-    live = Worker(dead.db, dead.settings)
+    live = Worker(dead.db, dead.settings, SOURCES)
     call_id = finished_call(fake_bitrix24.webhook_url)
     post_transcript(app, call_id)
-    inbox.apply_pending(db, dead.settings)
+    folding.apply_pending(db, dead.settings, SOURCES)
     now = time.time()
     dead.beat(now)
     held = dead.claim()
@@ -255,7 +257,7 @@ def test_the_worker_survives_its_database_connections_being_killed_and_resumes(
     name = f"b24scribe-test-{uuid.uuid4().hex[:8]}"
     app = create_app(settings)
     own = Database(f"{settings.database_url}&application_name={name}")
-    worker = Worker(own, settings)
+    worker = Worker(own, settings, SOURCES)
     admin = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
 
     def kill_connections() -> int:
@@ -319,7 +321,9 @@ def test_engine_settings_defaults_and_values() -> None:
         dotenv=False,
     )
     assert (chosen.portal_concurrency, chosen.worker_dead_after_seconds, chosen.worker_senders) == (2, 5.0, 8)
-    assert Worker(Database("sqlite://"), chosen).beat_interval() == pytest.approx(1.0), "five beats per dead-after"
+    assert Worker(Database("sqlite://"), chosen, SOURCES).beat_interval() == pytest.approx(1.0), (
+        "five beats per dead-after"
+    )
 
 
 # --- 7. no job waits for ever for a wake-up ----------------------------------------------------
@@ -347,7 +351,7 @@ def test_a_transcript_folded_while_its_call_finishes_is_released_not_left_waitin
     the two really overlap; SQLite has one writer at a time)."""
     if db.is_sqlite:
         pytest.skip("PostgreSQL only: SQLite never runs two write transactions at once")
-    worker = Worker(db, settings.with_overrides(bitrix24_webhook_url=None))  # dry run: the finish is recorded
+    worker = Worker(db, settings.with_overrides(bitrix24_webhook_url=None), SOURCES)  # dry run: the finish is recorded
     call_id, _ = registered_call(db)
     claims = worker.claim_batch()
     assert [c.kind for c in claims] == ["finish"]
@@ -388,7 +392,7 @@ def test_housekeeping_releases_waiting_jobs_whose_call_already_reached_their_sta
             outbox.enqueue(session, "attach", call_id=calls["registered"], portal="p", waiting=True, now=now - 40).id,
             outbox.enqueue(session, "finish", call_id=calls["new"], portal="p", waiting=True, now=now - 30).id,
         ]
-    worker = Worker(db, settings)
+    worker = Worker(db, settings, SOURCES)
     worker_module.WAKE_UP_SWEEP, sweep = 1, worker_module.WAKE_UP_SWEEP
     try:
         released = [worker.release_overdue_waiting() for _ in range(4)]  # one job per round, then over again
@@ -416,7 +420,7 @@ def test_outcomes_of_concurrent_senders_are_written_in_shared_transactions(
 ) -> None:
     """Sender threads' outcomes join one group commit; each still waits until its own is durable
     (the call's next step is due when the sender lets go), and every job ends done exactly once."""
-    worker = Worker(db, settings.with_overrides(worker_senders=8, portal_concurrency=8))
+    worker = Worker(db, settings.with_overrides(worker_senders=8, portal_concurrency=8), SOURCES)
     now = time.time()
     with db.write() as session:
         for index in range(24):

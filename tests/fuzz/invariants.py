@@ -35,9 +35,9 @@ from sqlalchemy import String, func, select
 from werkzeug.test import TestResponse
 
 from b24scribe.db import Database
-from b24scribe.intake import PBX_PARSERS
 from b24scribe.models import Base, Call, InboundEvent, Job
 from b24scribe.worker import Worker
+from schemas.registry import PBX_SOURCES as PBX_PARSERS
 from tests.conftest import auth
 
 # Dead jobs whose reason is the outside world's answer, not ours: the job ran to a recorded end.
@@ -287,7 +287,7 @@ class Fuzzer:
                 "duration": 30,
                 "status": "answered",
             }
-            if PBX_PARSERS[str(pbx)] == "json":
+            if not PBX_PARSERS[str(pbx)].form:
                 body = json.dumps(finished).encode()
                 headers = {**auth(), "Content-Type": "application/json"}
             else:

@@ -11,6 +11,7 @@ from app import create_app
 from b24scribe.db import Database
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import auth
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fuzz.conftest import PROFILE
@@ -63,7 +64,7 @@ def test_what_the_corpus_gets_accepted_is_delivered_to_the_fake_bitrix24(
     delivering = settings.with_overrides(bitrix24_webhook_url=fake_bitrix24.webhook_url)
     app = create_app(delivering)
     with server_errors() as errors:
-        fuzz = Fuzzer(app.test_client(), Worker(db, delivering), db, errors)
+        fuzz = Fuzzer(app.test_client(), Worker(db, delivering, SOURCES), db, errors)
         cases = [body for number, body in enumerate(corpus(group)) if number % 3 == 0 and portal_can_check(body)]
         for number, case in enumerate(cases, 1):
             headers = {**auth(), "Content-Type": case.content_type} if case.content_type else auth()

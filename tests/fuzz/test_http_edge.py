@@ -17,6 +17,7 @@ from app import create_app
 from b24scribe.db import Database
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
+from schemas.registry import SOURCES
 from tests.conftest import ADMIN_TOKEN, INBOUND_TOKEN
 from tests.fuzz.invariants import Fuzzer, ServerErrors, assert_clean, server_errors
 from tests.hostile import RawRequest, raw_requests
@@ -81,7 +82,7 @@ def test_hostile_http_requests_to_gunicorn_get_no_5xx_and_what_is_accepted_is_pr
     # the database is migrated by the stack (as the Procfile's release step does), so the app is made first
     app = create_app(settings)
     db: Database = app.extensions["b24scribe.db"]
-    fuzz = Fuzzer(app.test_client(), Worker(db, settings), db, ServerErrors())
+    fuzz = Fuzzer(app.test_client(), Worker(db, settings, SOURCES), db, ServerErrors())
     with running_stack(tmp_path, environ, web_workers=1) as stack:
         for raw in raw_requests():
             status, answer = exchange(stack.url, raw)

@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 from marshmallow import ValidationError
 
-from b24scribe import inbox
+from b24scribe import folding
 from b24scribe.models import Call
 from tests.conftest import auth
 from tests.fuzz.invariants import KNOWN_OPEN, Fuzzer, Tally, assert_clean
@@ -42,7 +42,7 @@ def test_an_accepted_event_the_worker_cannot_fold_is_a_finding(fuzz: Fuzzer, mon
     def unreadable(*args: object, **kwargs: object) -> None:  # as if the code changed after the 2xx
         raise ValidationError({"event": ["not what this version reads"]})
 
-    monkeypatch.setattr(inbox, "read_event", unreadable)
+    monkeypatch.setattr(folding, "read_event", unreadable)
 
     response = fuzz.send("selftest", "POST", "/hooks/pbx/generic", None, auth(), None)  # no body: a 4xx
     assert response.status_code < 500

@@ -21,7 +21,7 @@ from schemathesis.core.result import Ok
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from b24scribe.intake import PBX_PARSERS
+from schemas.registry import PBX_SOURCES as PBX_PARSERS
 from schemas.registry import STT_VENDORS
 from tests.conftest import admin, auth
 from tests.fuzz.conftest import FUZZ_SETTINGS

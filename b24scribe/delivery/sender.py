@@ -1,0 +1,162 @@
+"""The portal sender: every request to Bitrix24 goes out through `PortalSender.send`.
+
+It holds what sending to a portal takes: the client per portal (a keep-alive pool each), pacing
+(a job's first request is paid for by its claim, any further one waits for a token), the dry-run
+decision (the one place that decides it: no portal configured, no client, nothing is sent; the
+worker and the steps ask `dry_run` here), fencing (a request goes out only while the job's lease
+holds, with a margin), and the policy that turns a Bitrix24 error into what the outbox does with
+the job (`fail`). OAuth portals will refresh their access tokens here, the one place a request
+is made, when they come: the steps never see a credential.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from b24scribe import metrics, outbox, ratelimit
+from b24scribe.bitrix24 import (
+    AmbiguousError,
+    Bitrix24Client,
+    Bitrix24Error,
+    OperationLimitError,
+    PermanentError,
+    Response,
+    ThrottledError,
+)
+from b24scribe.db import Database
+from b24scribe.delivery.recording import Recorder
+from b24scribe.models import Call, Job, JobState
+from b24scribe.outbox import Claim
+from b24scribe.ratelimit import Pace
+from b24scribe.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class LeaseLost(Exception):
+    """Our lease expired and the job was reclaimed; the outcome is not ours to record."""
+
+
+def pace_from(settings: Settings) -> Pace:
+    """The pacing the settings give every portal."""
+    return Pace(settings.rate_per_second, settings.rate_burst, settings.lease_seconds, settings.portal_concurrency)
+
+
+def clients_from(settings: Settings) -> dict[str, Bitrix24Client]:
+    """A client per configured portal (none in dry-run), each with a keep-alive pool of as many
+    connections as the portal has requests in flight at most (its B24SCRIBE_PORTAL_CONCURRENCY slots)."""
+    pool = max(1, min(settings.portal_concurrency, settings.worker_senders))
+    return {
+        portal: Bitrix24Client(url, settings.bitrix24_timeout, pool_size=pool)
+        for portal, url in settings.portal_urls().items()
+    }
+
+
+class PortalSender:
+    """Sends a job's requests to its portal, paced and fenced, or records them in dry-run."""
+
+    def __init__(
+        self, db: Database, settings: Settings, clients: dict[str, Bitrix24Client], recorder: Recorder
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.clients = clients
+        self.recorder = recorder
+        self.pace = pace_from(settings)
+        # when this worker's heartbeat was last written (its own clock); 0: unknown (see `_lease_holds`)
+        self.beat_at = 0.0
+
+    @property
+    def dry_run(self) -> bool:
+        """Nothing is sent: no portal is configured (so no client was made)."""
+        return not self.clients
+
+    def send(self, claim: Claim, method: str, params: dict[str, Any]) -> Response | None:
+        """Send to the job's portal, or in dry-run return None (the caller records the request)."""
+        if self.dry_run:
+            return None
+        client = self.clients.get(claim.portal or "")
+        if client is None:
+            raise PermanentError(f"portal {claim.portal!r} is not configured (B24SCRIBE_BITRIX24_PORTALS)")
+        self.recorder.flush()  # what the batch has done so far is recorded before we wait on a portal
+        batch = self.recorder.batch
+        if claim.portal is not None and batch.sent > 0:
+            self._wait_for_token(claim.portal)  # the claim paid for the first request only
+        if not self._lease_holds(claim):
+            raise LeaseLost()
+        batch.sent += 1
+        started = time.monotonic()
+        try:
+            with metrics.bitrix24_request(method):
+                return client.call(method, params)
+        finally:
+            if claim.portal is not None and time.monotonic() - started > self.pace.stall_seconds:
+                batch.stalled[claim.portal] = 1
+
+    def _lease_holds(self, claim: Claim) -> bool:
+        """Fencing, fails closed: send only while our lease has a margin left, so a worker that
+        stalled past its lease cannot send behind the back of the job's next owner (whose look-up
+        then comes at least the margin after our request).
+
+        Without a read when the claim itself proves it: a lease is only taken back once it has
+        expired or once its worker's heartbeat is B24SCRIBE_WORKER_DEAD_AFTER_SECONDS old, so a
+        claim younger than its lease less the margin, by a worker that beat within half the dead-
+        after time, still holds (workers' clocks may differ by up to that half). Anything older,
+        or a worker whose beats lag, asks the database."""
+        margin = min(self.settings.lease_seconds / 3, self.settings.bitrix24_timeout)
+        now = time.time()
+        if (
+            claim.claimed_at <= now < claim.claimed_at + self.settings.lease_seconds - margin
+            and 0.0 <= now - self.beat_at < self.settings.worker_dead_after_seconds / 2
+        ):
+            return True
+        with self.db.read() as session:
+            expires = session.scalar(
+                select(Job.lease_expires_at).where(
+                    Job.id == claim.job_id, Job.state == JobState.LEASED, Job.lease_owner == claim.owner
+                )
+            )
+        return expires is not None and expires - time.time() > margin
+
+    def _wait_for_token(self, portal: str) -> None:
+        pace = self.pace
+        deadline = time.monotonic() + 2.0 / pace.rate_per_second
+        while True:
+            with self.db.write() as session:
+                wait = ratelimit.take_followup_token(session, portal, time.time(), pace)
+            if wait is None or time.monotonic() >= deadline:
+                return
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+
+    def fail(self, claim: Claim, error: Bitrix24Error, note: str = "") -> None:
+        """Map a Bitrix24 error to what the outbox does with the job."""
+        now = time.time()
+        message = f"{error.code + ': ' if error.code else ''}{error.description}{note}"
+        log.info("bitrix24 error", status=error.status, code=error.code, retryable=error.retryable)
+        schedule = self.settings.retry_schedule
+
+        def apply(session: Session, job: Job) -> None:
+            if isinstance(error, ThrottledError):
+                until = now + ratelimit.THROTTLE_PAUSE_SECONDS
+                if claim.portal:
+                    ratelimit.pause(session, claim.portal, until, "QUERY_LIMIT_EXCEEDED", now)
+                outbox.defer(session, job, until, message, now)
+            elif isinstance(error, OperationLimitError):
+                if claim.portal:
+                    ratelimit.pause(session, claim.portal, error.reset_at, "OPERATION_TIME_LIMIT", now)
+                outbox.defer(session, job, error.reset_at, message, now)
+            elif error.retryable:
+                outbox.retry_later(
+                    session, job, message, now, ambiguous=isinstance(error, AmbiguousError), schedule=schedule
+                )
+            else:
+                outbox.kill(session, job, message, now)
+                if job.call_id:
+                    session.get_one(Call, job.call_id).last_error = message
+
+        self.recorder.record(claim, apply)

@@ -1,0 +1,206 @@
+"""The Bitrix24 steps of a call: register → finish → attachTranscription.
+
+Each step reads what it needs, asks whether it is already done, sends at most one request (plus the
+look-up before a resend) through the portal sender, and records a typed outcome: a small frozen
+dataclass saying what happened (`Registered`, `Finished`, `Attached`, …; `b24scribe.delivery.outcomes`
+has them and what each writes). The vendor fetch step lives in `b24scribe.delivery.fetches`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from b24scribe.bitrix24 import Bitrix24Error, PermanentError, is_finish_call_not_found, is_unknown_user
+from b24scribe.db import Database
+from b24scribe.delivery import outcomes
+from b24scribe.delivery.outcomes import (
+    Attached,
+    DefaultUser,
+    Finished,
+    GivenUp,
+    Outcome,
+    RegisterAgain,
+    Registered,
+    Skipped,
+    Waiting,
+)
+from b24scribe.delivery.params import (
+    ATTACH,
+    FINISH,
+    REGISTER,
+    STATISTICS,
+    build_attach,
+    current_parts,
+    finish_params,
+    register_params,
+    transcript_digest,
+)
+from b24scribe.delivery.recording import Recorder
+from b24scribe.delivery.sender import PortalSender
+from b24scribe.models import AttachLedger, Call, TranscriptPart
+from b24scribe.outbox import Claim
+from b24scribe.settings import Settings
+
+
+class Steps:
+    """register, finish and attach for claimed jobs; `record` writes what each step found."""
+
+    def __init__(self, db: Database, settings: Settings, sender: PortalSender, recorder: Recorder) -> None:
+        self.db = db
+        self.settings = settings
+        self.sender = sender
+        self.recorder = recorder
+
+    # -- register ---------------------------------------------------------------------------
+
+    def register(self, claim: Claim, call: Call) -> None:
+        if call.stage != "new":
+            self.record(claim, Skipped("already registered"))
+            return
+        params = register_params(call, self.settings)
+        if "USER_ID" not in params and "USER_PHONE_INNER" not in params:
+            self.record(
+                claim,
+                GivenUp("no Bitrix24 user for this call: the PBX sent no extension; set B24SCRIBE_DEFAULT_USER_ID"),
+            )
+            return
+        try:
+            response = self.sender.send(claim, REGISTER, params)
+        except Bitrix24Error as error:
+            if is_unknown_user(error) and "USER_PHONE_INNER" in params and self.settings.default_user_id:
+                self.record(claim, DefaultUser(call.id, self.settings.default_user_id, error.description))
+                return
+            self.sender.fail(claim, error)
+            return
+        b24_call_id = f"dry-run.{call.id}" if response is None else str(response.result["CALL_ID"])
+        self.record(claim, Registered(call.id, b24_call_id, params, response is None))
+
+    # -- finish -----------------------------------------------------------------------------
+
+    def finish(self, claim: Claim, call: Call) -> None:
+        if call.stage == "finished":
+            self.record(claim, Skipped("already finished"))
+            return
+        if call.stage != "registered":
+            self.record(claim, Waiting("waiting for register"))
+            return
+        params = finish_params(call, self.settings)
+        try:
+            response = self.sender.send(claim, FINISH, params)
+        except Bitrix24Error as error:
+            if is_finish_call_not_found(error) and call.b24_call_id:
+                self._finish_not_found(claim, call, error)
+                return
+            self.sender.fail(claim, error)
+            return
+        self.record(claim, Finished(call.id, params, None if response is None else response.result))
+
+    def _finish_not_found(self, claim: Claim, call: Call, error: Bitrix24Error) -> None:
+        """finish is not idempotent: after "Call is not found" look whether it was finished already."""
+        try:
+            rows = self._statistics(claim, call.b24_call_id or "")
+        except PermanentError:
+            rows = None  # the portal denies voximplant.statistic.get
+        except Bitrix24Error as lookup_error:
+            self.sender.fail(claim, lookup_error, " (while checking whether the call was already finished)")
+            return
+        if rows or (rows is None and claim.ambiguous):
+            # Our earlier attempt landed (or, unverifiable, most likely did after a lost answer).
+            self.record(claim, Finished(call.id, finish_params(call, self.settings), rows[0] if rows else {}))
+            return
+        # The registration is gone (finished by someone else's 30-day cleanup, or never made):
+        # register again and finish that, rather than lose the call.
+        self.record(claim, RegisterAgain(call.id, call.portal, f"{error.description}: registering the call again"))
+
+    def _statistics(self, claim: Claim, b24_call_id: str) -> list[dict[str, Any]]:
+        response = self.sender.send(claim, STATISTICS, {"FILTER": {"CALL_ID": b24_call_id}})
+        result = response.result if response else []
+        return [row for row in result if isinstance(row, dict)] if isinstance(result, list) else []
+
+    # -- attach -----------------------------------------------------------------------------
+
+    def attach(self, claim: Claim, call: Call) -> None:
+        if call.stage != "finished":
+            self.record(claim, Waiting("waiting for the call to finish"))
+            return
+        with self.db.read() as session:
+            parts = list(session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id)))
+            session.expunge_all()
+            params = build_attach(call, parts, self.settings)
+            attached = _attached_ids(session, call)
+        chosen = current_parts(parts)
+        if any(part.segments is None for part in chosen):
+            # A part's text went with retention: sending the rest would replace the whole
+            # transcript on the card with a partial one. Fails closed; the card keeps what it has.
+            reason = (
+                "a part of this call's transcript was purged after B24SCRIBE_RETENTION_DAYS; "
+                "sending the rest would replace the transcript in Bitrix24 with a partial one"
+            )
+            self.record(claim, GivenUp(reason))
+            return
+        if params is None:
+            self.record(claim, Skipped("no completed transcript"))
+            return
+        digest = transcript_digest(params)
+        part_ids = tuple(p.id for p in chosen)
+
+        def attached_as(
+            transcript_id: int | None, possible_duplicate: bool = False, dry_run: bool = False, note: str | None = None
+        ) -> Attached:
+            at = time.time()
+            return Attached(
+                call.portal,
+                call.b24_call_id,
+                part_ids,
+                params,
+                digest,
+                transcript_id,
+                at,
+                possible_duplicate,
+                dry_run,
+                note,
+            )
+
+        if digest in attached:
+            self.record(claim, attached_as(attached[digest]))
+            return
+        if not params["MESSAGES"]:
+            self.record(claim, attached_as(None, note="no speech: nothing to attach"))
+            return
+        possible_duplicate = False
+        if claim.ambiguous and not self.sender.dry_run:
+            try:
+                rows = self._statistics(claim, call.b24_call_id or "")
+                landed = next((r.get("TRANSCRIPT_ID") for r in rows if r.get("TRANSCRIPT_ID")), None)
+                if landed and int(landed) not in set(attached.values()):
+                    self.record(claim, attached_as(int(landed)))
+                    return
+            except PermanentError:
+                possible_duplicate = True  # the portal denies the lookup: resend and say so
+            except Bitrix24Error as error:
+                self.sender.fail(claim, error, " (while checking whether the transcript already landed)")
+                return
+        try:
+            response = self.sender.send(claim, ATTACH, params)
+        except Bitrix24Error as error:
+            self.sender.fail(claim, error)
+            return
+        transcript_id = None if response is None else int(response.result["TRANSCRIPT_ID"])
+        self.record(claim, attached_as(transcript_id, possible_duplicate=possible_duplicate, dry_run=response is None))
+
+    def record(self, claim: Claim, outcome: Outcome) -> None:
+        """Queue what the outcome changes, for the batch's next flush."""
+        outcomes.record(self.recorder, claim, outcome)
+
+
+def _attached_ids(session: Session, call: Call) -> dict[str, int | None]:
+    rows = session.execute(
+        select(AttachLedger.sha256, AttachLedger.b24_transcript_id).where(
+            AttachLedger.portal == call.portal, AttachLedger.b24_call_id == call.b24_call_id
+        )
+    ).all()
+    return {sha: transcript_id for sha, transcript_id in rows}

@@ -1,0 +1,160 @@
+"""What a source is: every PBX and STT vendor, described once as data (docs/architecture.md).
+
+A source is one module under `schemas/` exporting its description (`SOURCE` for a PBX, `VENDOR` for
+an STT vendor) and one line in `schemas/registry.py`. Everything else reads the registry: the hook
+router (its routes, body limits and credentials), parsing and replay, the worker's vendor fetches,
+the OpenAPI document, metrics labels and `flask check`.
+
+The core never imports `schemas/`: the app builds a `Sources` from the registry and hands it to
+whatever needs it (the hooks, the worker, replay, the commands).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from b24scribe.events import CallEvent
+from b24scribe.transcript import VendorResult
+
+if TYPE_CHECKING:
+    from b24scribe.inbound_auth import Authenticated, HookRequest
+    from b24scribe.settings import Settings
+
+# parse(raw_body, query) -> VendorResult; raises marshmallow.ValidationError naming each bad field.
+Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
+# parse(raw_body, query) -> CallEvent; raises marshmallow.ValidationError naming each bad field.
+CallEventParser = Callable[[bytes, Mapping[str, str]], CallEvent]
+Kind = Literal["pbx", "stt"]
+
+
+class SignatureScheme(Protocol):
+    """A credential that signs the request (its URL, headers and raw body) with a shared secret.
+
+    The router asks `present` first; a request that carries the scheme's headers, for a route whose
+    secret is set, is checked by `before_body` (what the headers alone can refuse, such as a stale
+    timestamp), then its body is read (at most the route's limit) and `verify` decides.
+    """
+
+    name: str  # as logged and in the OpenAPI document (`standard-webhooks` → `standardWebhooks`)
+    signature_header: str  # the header carrying the signature (documented)
+    description: str  # for the OpenAPI document: what signs, with which setting
+
+    def configured(self, settings: Settings, source: str) -> bool:
+        """Its secret is set for this source."""
+        ...
+
+    def present(self, request: HookRequest) -> bool:
+        """The request carries this scheme's signature headers."""
+        ...
+
+    def before_body(self, request: HookRequest, settings: Settings, source: str) -> None:
+        """Refuse (AuthFailure) what the headers alone show to be wrong."""
+        ...
+
+    def verify(self, request: HookRequest, body: bytes, settings: Settings, source: str) -> Authenticated:
+        """Verify the signature over the raw bytes; AuthFailure when it does not hold."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSpec:
+    """How to fetch a finished transcript from a vendor whose callback carries only an id.
+
+    `path` is formatted with `{id}` and appended to the vendor API base URL
+    (`B24SCRIBE_<VENDOR>_API_URL`, default `default_api_url`); `headers(api_key)` gives the
+    request headers; `parse` turns the fetched body into a VendorResult.
+    """
+
+    default_api_url: str
+    path: str
+    headers: Callable[[str], dict[str, str]]
+    parse: Parser
+
+
+@dataclass(frozen=True, slots=True)
+class SttVendor:
+    """One speech-to-text vendor: how its callback is authenticated, read and, if needed, fetched."""
+
+    name: str
+    parse: Parser
+    fetch: FetchSpec | None = None
+    # Header carrying the vendor's own shared-secret auth, compared to B24SCRIBE_INBOUND_TOKEN
+    # (e.g. AssemblyAI's webhook_auth_header_name); bearer/?token=/Basic are always accepted.
+    auth_header: str | None = None
+    # Signatures over the request this vendor may send instead of the token (tried first).
+    signatures: tuple[SignatureScheme, ...] = ()
+    # A header carrying the vendor's own delivery id, the same on each retry: the event's dedupe key.
+    delivery_header: str | None = None
+    summary: str = ""  # one line for the OpenAPI document
+    # The OpenAPI schema of its callback body (a marshmallow schema class), when it has one of ours.
+    openapi_schema: object | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return "stt"
+
+
+@dataclass(frozen=True, slots=True)
+class PbxSource:
+    """One PBX: how its call events are authenticated and read, and how it names its calls."""
+
+    name: str
+    parse: CallEventParser
+    # "json": a JSON body. "form": form fields, in the body or (with no body) the query; the values
+    # are stripped, so a call id named in a transcript URL is stripped the same way.
+    encoding: Literal["json", "form"] = "json"
+    auth_header: str | None = None
+    signatures: tuple[SignatureScheme, ...] = ()
+    delivery_header: str | None = None
+    summary: str = ""
+    # The OpenAPI schema of its event (a marshmallow schema class or instance), when it has one.
+    openapi_schema: object | None = None
+    # Its parser itself enforces contract §12's ranges (a test holds it to it), so the registry's
+    # backstop is not paid twice on the hot path.
+    checks_limits: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        return "pbx"
+
+    @property
+    def form(self) -> bool:
+        return self.encoding == "form"
+
+
+Source = SttVendor | PbxSource
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The registry: every source by kind and name (built by `schemas/registry.py`)."""
+
+    stt: Mapping[str, SttVendor] = field(default_factory=dict)
+    pbx: Mapping[str, PbxSource] = field(default_factory=dict)
+
+    def of(self, kind: Kind) -> Mapping[str, Source]:
+        """The sources of one kind, by name."""
+        return self.pbx if kind == "pbx" else self.stt
+
+    def get(self, kind: Kind, name: str) -> Source | None:
+        return self.of(kind).get(name)
+
+    def __iter__(self) -> Iterator[Source]:
+        yield from self.pbx.values()
+        yield from self.stt.values()
+
+    def labels(self) -> list[tuple[str, str]]:
+        """(kind, name) of every source: the bounded label values of the hooks' metrics."""
+        return [(source.kind, source.name) for source in self]
+
+    def adding(self, *sources: Source) -> Sources:
+        """A registry with these sources added (or replacing ones of the same kind and name)."""
+        stt, pbx = dict(self.stt), dict(self.pbx)
+        for source in sources:
+            if isinstance(source, PbxSource):
+                pbx[source.name] = source
+            else:
+                stt[source.name] = source
+        return Sources(stt=stt, pbx=pbx)
