@@ -1,7 +1,8 @@
 """The command line of ``python -m fake_bitrix24``: serve out of process until SIGTERM.
 
 Benchmarks run the fake in a process of its own (its own GIL and CPU); it prints one JSON line
-with the webhook and control URLs, then serves.
+with the webhook and control URLs (and, with ``--install``, the installed portals with their
+tokens and ONAPPINSTALL forms), then serves.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import threading
 from types import FrameType
 
+from fake_bitrix24.apps import installation_summary
 from fake_bitrix24.server import FakeBitrix24
 from fake_bitrix24.state import DEFAULT_PORTAL
 
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-strict", action="store_true", help="accept extra message keys")
     parser.add_argument("--deny-webhook-app-methods", action="store_true")
     parser.add_argument("--deny-statistics", action="store_true")
+    parser.add_argument("--client-id", default=None, help="the application's client id (--install)")
+    parser.add_argument("--client-secret", default=None, help="the application's client secret")
+    parser.add_argument(
+        "--install", action="append", default=[], metavar="DOMAIN", help="install the application on a portal"
+    )
     return parser
 
 
@@ -81,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             "base_url": fake.base_url,
             "port": fake.port,
         }
+        if args.install:
+            app = fake.create_app(client_id=args.client_id, client_secret=args.client_secret)
+            installations = [fake.install(domain, app) for domain in args.install]
+            announcement["oauth_url"] = fake.oauth_url
+            announcement["app"] = {"client_id": app.client_id, "client_secret": app.client_secret}
+            announcement["installations"] = [
+                {**installation_summary(item), "payload": fake.install_payload(item)} for item in installations
+            ]
         print(json.dumps(announcement), flush=True)
         while not stop.wait(0.2):
             pass

@@ -44,6 +44,8 @@ class IncomingRequest:
     query: str
     body: bytes
     content_type: str
+    host: str = ""  # the Host header (portals may be told apart by it)
+    authorization: str = ""  # the Authorization header (``Bearer <token>``)
 
 
 @dataclass
@@ -79,6 +81,10 @@ class RecordedRequest:
     response: object
     timestamp: float
     fault: str  # "", "injected", "error", "drop" or "slow"
+    # Application (OAuth) requests: the portal's member_id, the token and its application.
+    member_id: str | None = None
+    access_token: str | None = None
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)

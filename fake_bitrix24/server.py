@@ -1,7 +1,8 @@
 """The FakeBitrix24 class, its control API, and the HTTP server that exposes it.
 
 The request pipeline (route, injections, rate limit, auth, operating limit, random faults, the
-method, the reply) is here; its steps live in limits.py, faults.py and telephony.py.
+method, the reply) is here; its steps live in limits.py, faults.py, telephony.py and (tokens,
+the OAuth server) oauth.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+from fake_bitrix24.apps import Installation
 from fake_bitrix24.faults import FaultDice, FaultsMixin, Injection
 from fake_bitrix24.limits import LeakyBucket, LimitsMixin, _operating_limit_error
+from fake_bitrix24.oauth import OAuthMixin, split_app_prefix
 from fake_bitrix24.protocol import (
     JSON_CONTENT_TYPE,
     ApiError,
@@ -63,12 +66,17 @@ class Exchange:
     code: str | None = None
     portal: PortalState | None = None
     fault: str = ""
+    app_route: bool = False  # ``/rest/<method>``: an application's call, authorized by a token
+    member_id: str | None = None  # the portal the application endpoint belongs to
+    access_token: str | None = None
+    client_id: str | None = None
+    installation: Installation | None = None
 
 
 # --- The fake ------------------------------------------------------------------------------
 
 
-class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
+class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
     """State and behaviour of the fake portals, plus the HTTP server that exposes them."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -97,6 +105,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
             "profile": (None, self._user_current),
             "scope": (None, self._scope),
         }
+        self._init_oauth()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -261,7 +270,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
             self._injections.append(injection)
 
     def advance_clock(self, seconds: float) -> None:
-        """Move the fake's clock forward (dedup window, bucket drain, operating buckets)."""
+        """Move the fake's clock forward (dedup window, bucket drain, operating buckets, tokens)."""
         with self._lock:
             self._clock_offset += seconds
 
@@ -270,12 +279,16 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
         return time.time() + self._clock_offset
 
     def reset(self, config: bool = False) -> None:
-        """Forget requests, calls, transcripts, injections and limiter state; keep webhooks."""
+        """Forget requests, calls, transcripts, injections and limiter state; keep webhooks.
+
+        Applications, installations and their tokens are kept; the OAuth request log is cleared.
+        """
         with self._lock:
             for portal in self._portals.values():
                 portal.clear()
             self._injections.clear()
             self._requests.clear()
+            self._token_requests.clear()
             self._count_503 = 0
             self._clock_offset = 0.0
             if config:
@@ -349,6 +362,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
                 "attachments_by_call": self._attachments_by_call(None),
                 "portals": {portal.name: _portal_summary(portal) for portal in portals},
                 "config": dataclasses.asdict(self.config),
+                **self._oauth_summary(),
             }
 
     # Request pipeline -----------------------------------------------------------------------
@@ -371,13 +385,16 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
             return Reply(error.status, error.body())
 
     def _process_or_raise(self, exchange: Exchange, request: IncomingRequest) -> Reply:
-        webhook, portal = self._route(exchange, request)
+        found, portal = self._route(exchange, request)
         injection = self._take_injection(exchange.method)
         if injection is not None and injection.kind != "slow":
             exchange.fault = "injected"
             return self._injected_reply(injection)
         self._admit(portal, exchange.started)
-        webhook, handler = self._authenticate(exchange, webhook)
+        if exchange.app_route:
+            webhook, handler = self._authenticate_app(exchange)
+        else:
+            webhook, handler = self._authenticate(exchange, found)
         operating_key = (webhook.code, exchange.method)
         self._check_operating_limit(portal, operating_key, exchange.started)
         exchange.fault = self._roll_fault() or ("slow" if injection else "")
@@ -386,20 +403,28 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
         if exchange.fault == "drop":
             return Reply(0, None, drop=True)
         self._charge_operating(portal, operating_key, exchange.started)
-        self._check_auth_type(exchange.method)
-        result = handler(MethodCall(portal, webhook, exchange.params, exchange.started))
+        if not exchange.app_route:  # applications may call the application-only methods
+            self._check_auth_type(exchange.method)
+        result = handler(MethodCall(portal, webhook, exchange.params, exchange.started, exchange.installation))
         reply = self._success_reply(result, portal, operating_key, exchange.started)
         if exchange.fault == "slow":  # performed; the answer comes late (the client may time out)
             reply.delay_after = injection.seconds if injection else self.config.slow_seconds
         return reply
 
     def _route(self, exchange: Exchange, request: IncomingRequest) -> tuple[Webhook | None, PortalState]:
-        """Parse path and parameters; find the webhook and its portal (unknown: the default)."""
-        route = _parse_rest_path(request.path)
-        if route is None:
+        """Parse path and parameters; find the webhook and its portal (unknown: the default).
+
+        ``/rest/<method>`` and ``/p/<member_id>/rest/<method>`` are application calls (oauth.py).
+        """
+        member_id, path = split_app_prefix(request.path)
+        route = _parse_rest_path(path)
+        if route is None or (member_id is not None and route[0] is not None):
             raise ApiError(404, "NOT_FOUND", f"No such path: {request.path}")
         exchange.user_id, exchange.code, exchange.method = route
         exchange.params = parse_params(request)
+        if exchange.user_id is None:
+            exchange.portal = self._route_app(exchange, request, member_id)
+            return None, exchange.portal
         webhook = self._webhooks.get((exchange.user_id or 0, exchange.code or ""))
         exchange.portal = self._portals[webhook.portal if webhook else DEFAULT_PORTAL]
         return webhook, exchange.portal
@@ -449,13 +474,16 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
                 response=reply.payload,
                 timestamp=exchange.started,
                 fault="drop" if reply.drop else exchange.fault,
+                member_id=exchange.member_id,
+                access_token=exchange.access_token,
+                client_id=exchange.client_id,
             )
         )
 
     # Control endpoints ----------------------------------------------------------------------
 
     def handle_control(self, request: IncomingRequest) -> Reply:
-        """``/_fake/state``, ``/_fake/config``, ``/_fake/reset``, ``/_fake/inject``."""
+        """``/_fake/state``, ``config``, ``reset``, ``inject``, and the application ones (oauth.py)."""
         action = request.path.removeprefix("/_fake/").strip("/")
         try:
             body = _control_body(request)
@@ -479,6 +507,9 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin):
         if action == "inject" and http_method == "POST":
             self._inject_from_control(body)
             return Reply(200, {"ok": True})
+        reply = self._oauth_control(http_method, action, body)
+        if reply is not None:
+            return reply
         return Reply(404, {"error": "NOT_FOUND", "error_description": f"{http_method} /_fake/{action}"})
 
     def _inject_from_control(self, body: dict[str, Any]) -> None:
@@ -552,9 +583,13 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         request = self._read_request()
         fake = self.server.fake
-        control = request.path.startswith("/_fake/")
         try:
-            reply = fake.handle_control(request) if control else fake.handle(request)
+            if request.path.startswith("/_fake/"):
+                reply = fake.handle_control(request)
+            elif request.path.startswith("/oauth/"):
+                reply = fake.handle_oauth(request)
+            else:
+                reply = fake.handle(request)
         except FAKE_BUGS as error:  # a fake's bug must not look like a dropped connection
             reply = Reply(500, {"error": "FAKE_BUG", "error_description": repr(error)})
             self.log_error("fake_bitrix24 failed: %r", error)
@@ -570,6 +605,8 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
             query=url.query,
             body=body,
             content_type=self.headers.get("Content-Type", ""),
+            host=self.headers.get("Host", ""),
+            authorization=self.headers.get("Authorization", ""),
         )
 
     def _send(self, reply: Reply) -> None:

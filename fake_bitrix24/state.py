@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fake_bitrix24.apps import Installation
 from fake_bitrix24.limits import LeakyBucket
 
 DEFAULT_PORTAL = "default"
@@ -146,6 +147,8 @@ class FakeConfig:
     deny_statistics: bool = False  # voximplant.statistic.get answers 403 ACCESS_DENIED
     deny_webhook_app_methods: bool = False  # register/finish via webhook: 403 WRONG_AUTH_TYPE
     finish_start_date_as_object: bool = True  # finish returns CALL_START_DATE as {} like PHP
+    rotate_refresh_tokens: bool = True  # a refresh makes the refresh token it used invalid
+    superseded_access_error: str = "expired_token"  # an access token replaced by a refresh: or invalid_token
 
     def updated(self, changes: Mapping[str, object]) -> FakeConfig:
         """A copy with ``changes`` applied; ValueError names an unknown or mistyped key."""
@@ -180,9 +183,10 @@ class MethodCall:
     """An authenticated call handed to a method implementation."""
 
     portal: PortalState
-    webhook: Webhook
+    webhook: Webhook  # for applications: the installing user, the app's scopes
     params: dict[str, Any]
     now: float
+    installation: Installation | None = None  # set when the call came with an OAuth token
 
 
 MethodHandler = Callable[[MethodCall], object]
