@@ -2,7 +2,8 @@
 
 For each vendor a realistic payload of ~10,000 words is generated (deterministic seed): Deepgram
 multichannel with utterances and words, Speechmatics json-v2 words, an AssemblyAI fetched transcript
-with words and utterances, Rev.ai monologues, OpenAI verbose_json with segments and words.
+with words and utterances, Rev.ai monologues, OpenAI verbose_json with segments and words, and the
+second wave's (Google stereo and diarized mono, Yandex, one Vosk channel, Gladia, ElevenLabs words).
 `translate` is the vendor's `parse(body, query)` (which decodes the JSON itself) followed by
 `build_messages` with the default SideRules. Target: translate ≤ 2.0 × json.loads (a hard limit).
 
@@ -23,9 +24,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from b24scribe.messages import SideRules, build_messages  # noqa: E402
 from b24scribe.transcript import VendorResult  # noqa: E402
 from schemas import assemblyai, deepgram, generic_transcript, openai, revai, speechmatics  # noqa: E402
-from schemas.bitrix24 import SideRules, build_messages  # noqa: E402
 
 TARGET_RATIO = 2.0
 WORDS = 10_000
@@ -294,14 +295,33 @@ def generic_payload(words: int = WORDS, seed: int = 6) -> bytes:
 
 
 Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
-CASES: tuple[tuple[str, Parser, Callable[[], bytes], Mapping[str, str]], ...] = (
-    ("deepgram", deepgram.parse, deepgram_payload, {}),
-    ("speechmatics", speechmatics.parse, speechmatics_payload, {"status": "success"}),
-    ("assemblyai", assemblyai.parse_transcript, assemblyai_payload, {}),
-    ("revai", revai.parse_transcript, revai_payload, {"speaker_channels_count": "2"}),
-    ("openai", openai.parse, openai_payload, {"channel": "0"}),
-    ("generic", generic_transcript.parse, generic_payload, {}),
-)
+Case = tuple[str, Parser, Callable[[], bytes], Mapping[str, str]]
+
+
+def cases() -> tuple[Case, ...]:
+    """Every vendor's case: the first wave's generators here, the second wave's in bench/translation_<vendor>.py
+    (imported here, as they import this module's WORDS and turns)."""
+    from bench.translation_elevenlabs import elevenlabs_payload
+    from bench.translation_gladia import gladia_payload
+    from bench.translation_google import google_diarized_payload, google_payload
+    from bench.translation_vosk import vosk_payload
+    from bench.translation_yandex import yandex_payload
+    from schemas import elevenlabs, gladia, google, vosk, yandex
+
+    return (
+        ("deepgram", deepgram.parse, deepgram_payload, {}),
+        ("speechmatics", speechmatics.parse, speechmatics_payload, {"status": "success"}),
+        ("assemblyai", assemblyai.parse_transcript, assemblyai_payload, {}),
+        ("revai", revai.parse_transcript, revai_payload, {"speaker_channels_count": "2"}),
+        ("openai", openai.parse, openai_payload, {"channel": "0"}),
+        ("generic", generic_transcript.parse, generic_payload, {}),
+        ("google", google.parse, google_payload, {}),
+        ("google mono", google.parse, google_diarized_payload, {}),
+        ("yandex", yandex.parse, yandex_payload, {}),
+        ("vosk", vosk.parse, vosk_payload, {"channel": "0"}),
+        ("gladia", gladia.parse, gladia_payload, {}),
+        ("elevenlabs", elevenlabs.parse, elevenlabs_payload, {}),
+    )
 
 
 def _best_of_each(first: Callable[[], object], second: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -325,7 +345,7 @@ def run(runs: int = RUNS) -> list[dict[str, Any]]:
     """One row per vendor: bytes, json.loads ms, translate ms, ratio, target, ok."""
     rules = SideRules()
     rows: list[dict[str, Any]] = []
-    for name, parse, make_payload, query in CASES:
+    for name, parse, make_payload, query in cases():
         body = make_payload()
 
         def translate(parse: Parser = parse, body: bytes = body, query: Mapping[str, str] = query) -> object:

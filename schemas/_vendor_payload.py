@@ -11,6 +11,7 @@ once an item has failed, so valid payloads pay for nothing else.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
@@ -20,7 +21,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
 from b24scribe.limits import MAX_SECONDS as LIMIT_SECONDS
 from b24scribe.parsing import channel_slot
-from b24scribe.transcript import CallReference, Segment
+from b24scribe.transcript import CallReference, Segment, VendorResult
 from schemas.source import load_json
 
 channel_from_query = channel_slot  # `?channel=`: read where the hooks read it (b24scribe/parsing.py)
@@ -165,6 +166,23 @@ def reference_from_mapping(values: Mapping[str, Any]) -> CallReference:
     )
 
 
+METADATA_PREFIX = "b24scribe_"  # contract §11: the metadata keys that name a call
+
+
+def reference_from_metadata(metadata: Any) -> CallReference:
+    """A CallReference from vendor metadata keyed as contract §11 says (`b24scribe_b24_call_id`, or
+    `b24scribe_pbx` + `b24scribe_call`), or with the short keys `b24_call_id`, `pbx`, `call`."""
+    if not isinstance(metadata, dict):
+        return CallReference()
+    prefixed = {
+        key[len(METADATA_PREFIX) :]: value
+        for key, value in metadata.items()
+        if isinstance(key, str) and key.startswith(METADATA_PREFIX)
+    }
+    reference = reference_from_mapping(prefixed)
+    return reference if not reference.is_empty() else reference_from_mapping(metadata)
+
+
 def reference_from_query_string(text: str | None) -> CallReference:
     """A CallReference from a vendor metadata string written as a query string,
     `pbx=asterisk&call=1700000000.123` or `b24_call_id=externalCall.…`; free text gives none."""
@@ -234,3 +252,46 @@ def kind_problem(kind: Kind, value: Any) -> str | None:
     if not value <= limit:
         return f"Must be a finite number of at most {limit:g} {kind}."
     return None
+
+
+# A protobuf Duration as Google and Yandex write it in JSON: seconds with an "s", up to nanoseconds.
+_DURATION = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?s")
+_DURATION_MESSAGE = 'Not a valid Duration: expected seconds like "1.300s".'
+
+
+def duration_seconds(value: Any) -> tuple[float, str | None]:
+    """A Duration as seconds: `"1.300s"`, `{"seconds": "1", "nanos": 300000000}` or a number.
+    Returns (seconds, None), or (0.0, why it is not one)."""
+    if type(value) is str:
+        if not _DURATION.fullmatch(value):
+            return 0.0, _DURATION_MESSAGE
+        seconds = float(value[:-1])
+    elif type(value) in NUMBER_TYPES:
+        seconds = value
+    elif type(value) is dict and set(value) <= {"seconds", "nanos"}:
+        whole, nanos = value.get("seconds", 0), value.get("nanos", 0)
+        if type(whole) is str and whole.isascii() and whole.isdigit() and len(whole) <= 12:
+            whole = int(whole)
+        if type(whole) is not int or type(nanos) is not int or not 0 <= nanos < 1_000_000_000:
+            return 0.0, _DURATION_MESSAGE
+        seconds = whole + nanos / 1e9
+    else:
+        return 0.0, _DURATION_MESSAGE
+    if not 0 <= seconds <= MAX_SECONDS:  # NaN fails this too
+        return 0.0, f"Must be a Duration from 0s to {MAX_SECONDS:g}s."
+    return float(seconds), None
+
+
+def status_failure(error: Any, job_id: str | None, vendor: str) -> VendorResult:
+    """A failed job from a google.rpc.Status-like error (`code`, `message`, as Google and Yandex
+    send it), or a bare message: the vendor's reason, else its code."""
+    reason = f"{vendor} reported an error without a message."
+    if type(error) is dict:
+        message, code = error.get("message"), error.get("code")
+        if type(message) is str and message.strip():
+            reason = message
+        elif code is not None and type(code) in (int, str):
+            reason = f"{vendor} reported error code {code}."
+    elif type(error) is str and error.strip():
+        reason = error
+    return VendorResult(status="failed", failure_reason=reason, vendor_job_id=job_id)

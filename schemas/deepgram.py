@@ -39,7 +39,7 @@ from schemas._vendor_payload import (
     channel_from_query,
     load_json_object,
     new_segment,
-    reference_from_mapping,
+    reference_from_metadata,
 )
 
 
@@ -128,7 +128,7 @@ def parse(raw_body: bytes, query: Mapping[str, str]) -> VendorResult:
         status="completed",
         transcript=transcript,
         vendor_job_id=callback.request_id,
-        reference=reference_from_mapping(callback.extra),
+        reference=reference_from_metadata(callback.extra),
     )
 
 
@@ -143,7 +143,7 @@ def _failed(body: dict[str, Any]) -> VendorResult:
         status="failed",
         failure_reason=str(reason) if reason else "Deepgram reported an error without a message.",
         vendor_job_id=request_id if isinstance(request_id, str) and request_id else None,
-        reference=reference_from_mapping(extra if isinstance(extra, dict) else {}),
+        reference=reference_from_metadata(extra),
     )
 
 

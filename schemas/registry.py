@@ -18,13 +18,18 @@ from b24scribe.transcript import VendorResult
 from schemas import (
     assemblyai,
     deepgram,
+    elevenlabs,
     fasterwhisper,
     generic_transcript,
+    gladia,
+    google,
     openai,
     pbx_events,
     revai,
     speechmatics,
+    vosk,
     whispercpp,
+    yandex,
 )
 
 
@@ -76,6 +81,11 @@ VENDORS: tuple[SttVendor, ...] = (
     openai.VENDOR,
     whispercpp.VENDOR,
     fasterwhisper.VENDOR,
+    gladia.VENDOR,
+    elevenlabs.VENDOR,
+    google.VENDOR,
+    yandex.VENDOR,
+    vosk.VENDOR,
 )
 
 SOURCES = registry(PBXS, VENDORS)

@@ -71,7 +71,18 @@ def test_hooks_document_their_answers_and_credentials(document: dict[str, Any], 
         assert _content_schema(responses[status]) == {"$ref": "#/components/schemas/EventStored"}
     for status in ("401", "403", "404", "413", "422", "503"):
         assert _content_schema(responses[status]) == {"$ref": "#/components/schemas/Error"}, status
-    assert operation["security"] == [{"inboundBearer": []}, {"inboundQueryToken": []}, {"standardWebhooks": []}]
+    # the token every hook takes, then each signature scheme a source of the registry accepts
+    signatures = {
+        "/hooks/stt/{vendor}": ["standardWebhooks", "elevenlabsSignature"],
+        "/hooks/pbx/{pbx}": ["standardWebhooks"],
+    }
+    assert operation["security"] == [
+        {"inboundBearer": []},
+        {"inboundQueryToken": []},
+        *[{name: []} for name in signatures[path]],
+    ]
+    for name in signatures[path]:
+        assert document["components"]["securitySchemes"][name]["type"] == "apiKey"
     assert operation["requestBody"]["required"] is True
 
 

@@ -16,6 +16,7 @@ from schemas._vendor_payload import (
     load_json_object,
     new_segment,
     reference_from_mapping,
+    reference_from_metadata,
     reference_from_query_string,
 )
 
@@ -136,3 +137,13 @@ def test_a_body_must_be_a_json_object() -> None:
     with pytest.raises(ValidationError) as caught:
         load_json_object(b'{"a": "\xff"}')
     assert caught.value.messages == {"_schema": ["The body is not valid JSON (UnicodeDecodeError)."]}
+
+
+def test_vendor_metadata_names_a_call_with_the_contracts_keys_else_the_short_ones() -> None:
+    prefixed = reference_from_metadata({"b24scribe_pbx": "asterisk", "b24scribe_call": "1733.5", "other": "x"})
+    assert (prefixed.pbx, prefixed.pbx_call_id, prefixed.b24_call_id) == ("asterisk", "1733.5", None)
+    by_id = reference_from_metadata({"b24scribe_b24_call_id": "externalCall.1", "pbx": "generic"})
+    assert (by_id.b24_call_id, by_id.pbx) == ("externalCall.1", None)  # the contract's keys win whole
+    short = reference_from_metadata({"pbx": "generic", "call": "c-1"})
+    assert (short.pbx, short.pbx_call_id) == ("generic", "c-1")
+    assert reference_from_metadata(["not", "a", "mapping"]).is_empty()
