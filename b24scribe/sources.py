@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from b24scribe.events import CallEvent
+from b24scribe.settings import Settings
 from b24scribe.transcript import VendorResult
 
 if TYPE_CHECKING:
     from b24scribe.inbound_auth import Authenticated, HookRequest
-    from b24scribe.settings import Settings
 
 # parse(raw_body, query) -> VendorResult; raises marshmallow.ValidationError naming each bad field.
 Parser = Callable[[bytes, Mapping[str, str]], VendorResult]
@@ -58,19 +58,79 @@ class SignatureScheme(Protocol):
         ...
 
 
+class FetchError(Exception):
+    """A fetch that found no result: `retry` spends an attempt of the retry schedule (the vendor is
+    unreachable, busy or erring), else the job is dead with `reason` (a missing key, a refusal, an
+    unreadable answer)."""
+
+    def __init__(self, reason: str, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
+@dataclass(frozen=True, slots=True)
+class FetchContext:
+    """What a vendor's own fetch works with (`FetchSpec.run`): the configured API base URL and key
+    (`B24SCRIBE_<VENDOR>_API_URL` / `_API_KEY`), the id its callback carried, the stored callback's
+    body and query, an HTTP session, the timeout (B24SCRIBE_VENDOR_TIMEOUT_SECONDS) and the settings
+    (for more of the vendor's own, `settings.vendor_setting(vendor, NAME)`)."""
+
+    vendor: str
+    api_url: str
+    api_key: str | None
+    fetch_id: str
+    callback_body: bytes
+    callback_query: Mapping[str, str]
+    http: Any  # requests.Session
+    timeout: float
+    settings: Settings
+
+    def get(self, url: str, headers: Mapping[str, str] | None = None, what: str = "API") -> Any:
+        """GET `url`; the answer (a requests.Response) when it is a 200, else FetchError: unreachable,
+        5xx and 429 are retried, any other status is not."""
+        import requests
+
+        try:
+            answer = self.http.get(url, headers=dict(headers or {}), timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise FetchError(f"{self.vendor} {what} unreachable: {type(exc).__name__}", retry=True) from None
+        if answer.status_code != 200:
+            retry = answer.status_code >= 500 or answer.status_code == 429
+            raise FetchError(f"{self.vendor} {what} answered HTTP {answer.status_code}", retry=retry)
+        return answer
+
+
 @dataclass(frozen=True, slots=True)
 class FetchSpec:
     """How to fetch a finished transcript from a vendor whose callback carries only an id.
 
-    `path` is formatted with `{id}` and appended to the vendor API base URL
-    (`B24SCRIBE_<VENDOR>_API_URL`, default `default_api_url`); `headers(api_key)` gives the
-    request headers; `parse` turns the fetched body into a VendorResult.
+    The simple way, one GET: `path` is formatted with `{id}` and appended to the vendor API base URL
+    (`B24SCRIBE_<VENDOR>_API_URL`, default `default_api_url`); `headers(api_key)` gives the request
+    headers; `parse` turns the fetched body into a VendorResult. A vendor whose result takes more
+    (a job, then its result file; pages) gives `run(context) -> VendorResult` instead, raising
+    FetchError for what went wrong.
     """
 
     default_api_url: str
-    path: str
-    headers: Callable[[str], dict[str, str]]
-    parse: Parser
+    path: str = ""
+    headers: Callable[[str], dict[str, str]] | None = None
+    parse: Parser | None = None
+    run: Callable[[FetchContext], VendorResult] | None = None
+    needs_api_key: bool = True  # B24SCRIBE_<VENDOR>_API_KEY must be set (else the job is dead, saying so)
+
+
+@dataclass(frozen=True, slots=True)
+class HookAnswer:
+    """A source's own answer to a request that is not an event (a registration challenge, a ping, a
+    subscription confirmation): sent as it is, nothing stored."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+# answer(request, body, settings) -> HookAnswer | None: asked after authentication, before parsing.
+Answerer = Callable[["HookRequest", bytes, "Settings"], HookAnswer | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +147,7 @@ class SttVendor:
     signatures: tuple[SignatureScheme, ...] = ()
     # A header carrying the vendor's own delivery id, the same on each retry: the event's dedupe key.
     delivery_header: str | None = None
+    answer: Answerer | None = None  # requests that are not events (challenges, pings, confirmations)
     summary: str = ""  # one line for the OpenAPI document
     # The OpenAPI schema of its callback body (a marshmallow schema class), when it has one of ours.
     openapi_schema: object | None = None
@@ -108,6 +169,7 @@ class PbxSource:
     auth_header: str | None = None
     signatures: tuple[SignatureScheme, ...] = ()
     delivery_header: str | None = None
+    answer: Answerer | None = None
     summary: str = ""
     # The OpenAPI schema of its event (a marshmallow schema class or instance), when it has one.
     openapi_schema: object | None = None

@@ -76,10 +76,12 @@ class BodyTimeout(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """The answer to a stored event: its status and JSON body."""
+    """The answer to a stored event: its status and JSON body (or a source's own answer to a request
+    that is not an event, with its content type)."""
 
     status: int
     body: bytes
+    content_type: str = "application/json"
 
 
 class _Headers:
@@ -177,14 +179,17 @@ class _Hook:
             message = f"the body is larger than the limit of {limit} bytes (B24SCRIBE_MAX_BODY_BYTES)"
         return ApiError(413, "body_too_large", message)
 
+    def hook_request(self) -> HookRequest:
+        """The request as credential checks and a source's own answers see it."""
+        environ = self.request.environ
+        return HookRequest(environ["REQUEST_METHOD"], _Headers(environ), self.args, environ, self.settings.public_url)
+
     def authenticate(self, limit: int) -> tuple[Authenticated, bytes]:
         """Authenticate, then read the body: a credential in the headers or the query is checked before
         a byte of it is read; only a signature over the body reads it first, at most `limit` (contract §12)."""
         described = self.described
         environ = self.request.environ
-        hook_request = HookRequest(
-            environ["REQUEST_METHOD"], _Headers(environ), self.args, environ, self.settings.public_url
-        )
+        hook_request = self.hook_request()
         try:
             found = authenticate_before_body(
                 self.settings,
@@ -377,6 +382,8 @@ def receive(hook: _Hook) -> Stored:
     pbx = isinstance(described, PbxSource)
     limit = min(PBX_MAX_BODY_BYTES, hook.settings.max_body_bytes) if pbx else hook.settings.max_body_bytes
     auth, body = hook.authenticate(limit)
+    if described.answer is not None and (own := described.answer(hook.hook_request(), body, hook.settings)):
+        return Stored(own.status, own.body, own.content_type)  # not an event: nothing is stored
     raw = hook.raw_event(body, auth)
     args = hook.args
     if isinstance(described, PbxSource) and described.form and (count := body.count(b"&") + 1) > MAX_FIELDS:
@@ -444,8 +451,9 @@ class HookApp:
             if isinstance(error, MethodNotAllowed):
                 answer.headers["Allow"] = "POST"
             return answer(environ, start_response)
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(stored.body)))]
-        start_response(_STATUS_LINES[stored.status], headers)
+        headers = [("Content-Type", stored.content_type), ("Content-Length", str(len(stored.body)))]
+        status = _STATUS_LINES.get(stored.status) or f"{stored.status} {HTTP_STATUS_CODES.get(stored.status, '')}"
+        start_response(status, headers)
         return [stored.body]
 
     def _route(self, kind: str, name: str, method: str) -> Source:

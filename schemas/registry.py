@@ -9,11 +9,11 @@ stored in, for callbacks and fetched transcripts alike. The app hands `SOURCES` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from b24scribe.events import CallEvent
 from b24scribe.limits import check_call_event, checked_vendor_result
-from b24scribe.sources import Parser, PbxSource, Sources, SttVendor
+from b24scribe.sources import FetchContext, Parser, PbxSource, Sources, SttVendor
 from b24scribe.transcript import VendorResult
 from schemas import (
     assemblyai,
@@ -43,8 +43,20 @@ def _checked_parser(parse: Parser) -> Parser:
 
 def _checked(vendor: SttVendor) -> SttVendor:
     """The vendor with its parsers' results checked (fails closed: a ValidationError naming the field)."""
-    fetch = vendor.fetch and dataclasses.replace(vendor.fetch, parse=_checked_parser(vendor.fetch.parse))
+    fetch = vendor.fetch
+    if fetch is not None and fetch.parse is not None:
+        fetch = dataclasses.replace(fetch, parse=_checked_parser(fetch.parse))
+    if fetch is not None and fetch.run is not None:
+        fetch = dataclasses.replace(fetch, run=_checked_run(fetch.run))
     return dataclasses.replace(vendor, parse=_checked_parser(vendor.parse), fetch=fetch)
+
+
+def _checked_run(run: Callable[[FetchContext], VendorResult]) -> Callable[[FetchContext], VendorResult]:
+    def checked(context: FetchContext) -> VendorResult:
+        return checked_vendor_result(run(context))
+
+    checked.__doc__ = run.__doc__
+    return checked
 
 
 def _checked_pbx(pbx: PbxSource) -> PbxSource:

@@ -19,8 +19,9 @@ from b24scribe.db import Database
 from b24scribe.models import InboundEvent
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
-from tests.conftest import auth
+from tests.conftest import auth, finished_call
 from tests.fake_bitrix24 import FakeBitrix24
+from tests.fake_vendor_api import FakeVendorApi
 from tests.sources import SOURCES, acme_pbx
 
 SECRET = "acme-test-secret-5e1f"
@@ -103,6 +104,38 @@ def test_a_call_from_the_new_pbx_with_a_transcript_from_the_new_vendor_lands_in_
         ("Client", "Hello, is this the shop?"),
         ("User", "Yes, how can I help?"),
     ]
+
+
+def test_a_vendor_with_its_own_fetch_and_challenge_needs_nothing_else(
+    settings: Settings, db: Database, fake_bitrix24: FakeBitrix24, fake_vendor_api: FakeVendorApi
+) -> None:
+    configured = settings.with_overrides(vendor={"ECHO_API_URL": fake_vendor_api.url, "ECHO_API_KEY": "echo-key"})
+    app = create_app(configured, sources=SOURCES)
+    worker = Worker(app.extensions["b24scribe.db"], configured, SOURCES)
+    client = app.test_client()
+
+    challenge = client.post("/hooks/stt/echo?validationToken=abc123", headers=auth())
+    assert (challenge.status_code, challenge.get_data(), challenge.content_type) == (
+        200,
+        b"abc123",
+        "text/plain; charset=utf-8",
+    )
+    assert events(db) == 0  # a challenge is no event
+
+    call_id = finished_call(fake_bitrix24.webhook_url)
+    lines = [{"who": "customer", "start": 0.0, "end": 1.5, "text": "Is it ready?"}]
+    fake_vendor_api.serve("/jobs/job-42", json.dumps({"status": "done", "result_path": "/files/job-42.json"}).encode())
+    fake_vendor_api.serve("/files/job-42.json", json.dumps({"job": "job-42", "lines": lines}).encode())
+    posted = client.post(
+        f"/hooks/stt/echo?b24_call_id={call_id}", json={"job": "job-42", "ready": True}, headers=auth()
+    )
+    assert posted.status_code == 202
+    worker.drain()
+
+    assert [served.path for served in fake_vendor_api.requests] == ["/jobs/job-42", "/files/job-42.json"]
+    assert fake_vendor_api.requests[0].headers["authorization"] == "Token echo-key"
+    [attached] = fake_bitrix24.transcripts.values()
+    assert [(m["SIDE"], m["MESSAGE"]) for m in attached["messages"]] == [("Client", "Is it ready?")]
 
 
 def test_openapi_metrics_and_check_read_the_registry(acme: tuple[Flask, Worker], client: FlaskClient) -> None:

@@ -27,7 +27,7 @@ from b24scribe.events import part_values, queue_attach
 from b24scribe.models import Call, InboundEvent, Job, JobState, TranscriptPart
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
-from b24scribe.sources import Sources
+from b24scribe.sources import FetchContext, FetchError, FetchSpec, Sources
 from b24scribe.transcript import VendorResult
 
 
@@ -62,32 +62,35 @@ class VendorFetches:
     def fetch(self, claim: Claim) -> None:
         with self.db.read() as session:
             part = session.get_one(TranscriptPart, claim.transcript_id)
+            event = session.get_one(InboundEvent, part.event_id)
             # the callback URL's options (?channel=, ?speaker_channels_count=, …) apply to the fetch too
-            callback_query = dict(session.get_one(InboundEvent, part.event_id).query or {})
+            callback_query, callback_body = dict(event.query or {}), bytes(event.body or b"")
             session.expunge_all()
-        self.record(claim, self._get(part, callback_query))
+        self.record(claim, self._get(part, callback_query, callback_body))
 
-    def _get(self, part: TranscriptPart, callback_query: dict[str, Any]) -> Fetched | FetchFailed:
+    def _get(self, part: TranscriptPart, callback_query: dict[str, Any], callback_body: bytes) -> Fetched | FetchFailed:
         vendor = self.sources.stt[part.vendor]
-        assert vendor.fetch is not None and part.vendor_job_id
-        base = (self.settings.vendor_setting(vendor.name, "API_URL") or vendor.fetch.default_api_url).rstrip("/")
+        spec = vendor.fetch
+        assert spec is not None and part.vendor_job_id
         api_key = self.settings.vendor_setting(vendor.name, "API_KEY")
-        if not api_key:
+        if spec.needs_api_key and not api_key:
             return FetchFailed(f"B24SCRIBE_{vendor.name.upper()}_API_KEY is not set", retry=False)
-        # Only the configured API host is ever fetched; the id from the payload is one path segment.
-        url = base + vendor.fetch.path.format(id=quote(part.vendor_job_id, safe=""))
+        context = FetchContext(
+            vendor=vendor.name,
+            # Only the configured API host is ever fetched (never a host named in a payload).
+            api_url=(self.settings.vendor_setting(vendor.name, "API_URL") or spec.default_api_url).rstrip("/"),
+            api_key=api_key,
+            fetch_id=part.vendor_job_id,
+            callback_body=callback_body,
+            callback_query=callback_query,
+            http=self.http,
+            timeout=self.settings.vendor_timeout_seconds,
+            settings=self.settings,
+        )
         try:
-            answer = self.http.get(
-                url, headers=vendor.fetch.headers(api_key), timeout=self.settings.vendor_timeout_seconds
-            )
-        except requests.RequestException as exc:
-            return FetchFailed(f"{vendor.name} API unreachable: {type(exc).__name__}", retry=True)
-        if answer.status_code >= 500 or answer.status_code == 429:
-            return FetchFailed(f"{vendor.name} API answered HTTP {answer.status_code}", retry=True)
-        if answer.status_code != 200:
-            return FetchFailed(f"{vendor.name} API answered HTTP {answer.status_code}", retry=False)
-        try:
-            return Fetched(part.id, vendor.fetch.parse(answer.content, callback_query))
+            return Fetched(part.id, spec.run(context) if spec.run is not None else _one_get(spec, context))
+        except FetchError as failure:
+            return FetchFailed(failure.reason, failure.retry)
         except ValidationError as exc:
             return FetchFailed(
                 f"{vendor.name} transcript unreadable: {sorted(_field_paths(exc.messages))}", retry=False
@@ -100,6 +103,14 @@ class VendorFetches:
         else:
             schedule = self.settings.retry_schedule
             self.recorder.record(claim, lambda s, j: _fetch_failed(s, j, outcome, schedule))
+
+
+def _one_get(spec: FetchSpec, context: FetchContext) -> VendorResult:
+    """The simple fetch: one GET of `path` with the id as one path segment, its body parsed."""
+    assert spec.headers is not None and spec.parse is not None
+    url = context.api_url + spec.path.format(id=quote(context.fetch_id, safe=""))
+    answer = context.get(url, spec.headers(context.api_key or ""))
+    return spec.parse(answer.content, context.callback_query)
 
 
 def _fetched(session: Session, job: Job, outcome: Fetched) -> None:
