@@ -16,9 +16,24 @@ def iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
-def find_by_pbx(session: Session, pbx: str, pbx_call_id: str) -> Call | None:
-    """The call a PBX reported under this id."""
-    return session.scalars(select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)).one_or_none()
+class AmbiguousCall(Exception):
+    """Several portals have a call with this PBX call id: name the portal."""
+
+    def __init__(self, portals: list[str]) -> None:
+        super().__init__(f"portals {', '.join(portals)} each have a call with this id: name the portal")
+        self.portals = portals
+
+
+def find_by_pbx(session: Session, pbx: str, pbx_call_id: str, portal: str | None = None) -> Call | None:
+    """The call a PBX reported under this id, on `portal` (calls are keyed per portal); without a
+    portal, the one call with this id, or AmbiguousCall when several portals have one."""
+    query = select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)
+    if portal is not None:
+        query = query.where(Call.portal == portal)
+    found = list(session.scalars(query.order_by(Call.id).limit(10)))
+    if len(found) > 1:
+        raise AmbiguousCall(sorted(call.portal for call in found))
+    return found[0] if found else None
 
 
 def find_by_b24(session: Session, b24_call_id: str) -> Call | None:

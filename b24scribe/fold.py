@@ -139,26 +139,26 @@ class CallState:
 
 @dataclass(slots=True)
 class _Plan:
-    calls_by_key: dict[tuple[str, str, str], CallState] = field(default_factory=dict)
+    calls_by_key: dict[tuple[str, ...], CallState] = field(default_factory=dict)
     jobs: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
     fetches: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (index in parts, its fetch job)
     event_calls: list[dict[str, int]] = field(default_factory=list)
 
 
-def _pbx_key(pbx: str, pbx_call_id: str) -> tuple[str, str, str]:
-    return ("pbx", pbx, pbx_call_id)
+def _pbx_key(portal: str, pbx: str, pbx_call_id: str) -> tuple[str, ...]:
+    return ("pbx", portal, pbx, pbx_call_id)  # per portal: two portals' PBXs never meet (contract §8)
 
 
-def _b24_key(portal: str, b24_call_id: str) -> tuple[str, str, str]:
+def _b24_key(portal: str, b24_call_id: str) -> tuple[str, ...]:
     return ("b24", portal, b24_call_id)
 
 
-def _call_key(folding: Folding) -> tuple[tuple[str, str, str], str, Direction | None]:
+def _call_key(folding: Folding) -> tuple[tuple[str, ...], str, Direction | None]:
     """Which call an event folds into: its key, the portal it would be created on, and a direction."""
     content = folding.readable.content
     if isinstance(content, CallEvent):
-        return _pbx_key(folding.provider, content.call_id), folding.readable.portal, None
+        return _pbx_key(folding.readable.portal, folding.provider, content.call_id), folding.readable.portal, None
     reference = content.reference
     if reference.b24_call_id:
         return (
@@ -167,19 +167,22 @@ def _call_key(folding: Folding) -> tuple[tuple[str, str, str], str, Direction | 
             content.options.direction,
         )
     assert reference.pbx and reference.pbx_call_id  # parsing.call_reference checked it
-    return _pbx_key(reference.pbx, reference.pbx_call_id), folding.readable.portal, None
+    return _pbx_key(folding.readable.portal, reference.pbx, reference.pbx_call_id), folding.readable.portal, None
 
 
 def _select_calls(
-    connection: Connection, pbx_keys: Sequence[tuple[str, str]], b24_keys: Sequence[tuple[str, str]], lock: bool
+    connection: Connection, pbx_keys: Sequence[tuple[str, ...]], b24_keys: Sequence[tuple[str, ...]], lock: bool
 ) -> list[Any]:
-    by_pbx: dict[str, list[str]] = {}
-    for pbx, pbx_call_id in pbx_keys:
-        by_pbx.setdefault(pbx, []).append(pbx_call_id)
+    by_pbx: dict[tuple[str, str], list[str]] = {}
+    for portal, pbx, pbx_call_id in pbx_keys:
+        by_pbx.setdefault((portal, pbx), []).append(pbx_call_id)
     by_portal: dict[str, list[str]] = {}
     for portal, b24_call_id in b24_keys:
         by_portal.setdefault(portal, []).append(b24_call_id)
-    conditions = [and_(_CALL.c.pbx == pbx, _CALL.c.pbx_call_id.in_(ids)) for pbx, ids in by_pbx.items()]
+    conditions = [
+        and_(_CALL.c.portal == portal, _CALL.c.pbx == pbx, _CALL.c.pbx_call_id.in_(ids))
+        for (portal, pbx), ids in by_pbx.items()
+    ]
     conditions += [and_(_CALL.c.portal == p, _CALL.c.b24_call_id.in_(ids)) for p, ids in by_portal.items()]
     if not conditions:
         return []
@@ -198,12 +201,12 @@ def _state(row: Any) -> CallState:
     )
 
 
-def _index(plan: _Plan, rows: Sequence[Any], b24_keys: set[tuple[str, str, str]]) -> dict[int, CallState]:
+def _index(plan: _Plan, rows: Sequence[Any], b24_keys: set[tuple[str, ...]]) -> dict[int, CallState]:
     states: dict[int, CallState] = {}
     for row in rows:  # in id order: the first call with a b24 CALL_ID is the one a transcript goes to
         state = states.setdefault(row.id, _state(row))
         if row.pbx is not None and row.pbx_call_id is not None:
-            plan.calls_by_key.setdefault(_pbx_key(row.pbx, row.pbx_call_id), state)
+            plan.calls_by_key.setdefault(_pbx_key(row.portal, row.pbx, row.pbx_call_id), state)
         if row.b24_call_id is not None and _b24_key(row.portal, row.b24_call_id) in b24_keys:
             plan.calls_by_key.setdefault(_b24_key(row.portal, row.b24_call_id), state)
     return states
@@ -218,7 +221,7 @@ _LOCK_KEYS = text(
 )
 
 
-def _lock_keys(connection: Connection, keys: Iterable[tuple[str, str, str]]) -> None:
+def _lock_keys(connection: Connection, keys: Iterable[tuple[str, ...]]) -> None:
     hashed = {
         int.from_bytes(hashlib.blake2b("\x1f".join(key).encode(), digest_size=8).digest(), "big", signed=True)
         for key in keys
@@ -229,13 +232,13 @@ def _lock_keys(connection: Connection, keys: Iterable[tuple[str, str, str]]) -> 
 def _resolve_calls(connection: Connection, batch: Sequence[Folding], now: float, lock: bool) -> _Plan:
     """Every call the batch folds into, found or created: one query, plus inserts for the new ones."""
     plan = _Plan()
-    wanted: dict[tuple[str, str, str], tuple[str, Direction | None]] = {}
+    wanted: dict[tuple[str, ...], tuple[str, Direction | None]] = {}
     for folding in batch:
         key, portal, direction = _call_key(folding)
         wanted.setdefault(key, (portal, direction))
     if lock:
         _lock_keys(connection, wanted)
-    pbx_keys = [(k[1], k[2]) for k in wanted if k[0] == "pbx"]
+    pbx_keys = [k[1:] for k in wanted if k[0] == "pbx"]
     b24_keys = {k for k in wanted if k[0] == "b24"}
     states = _index(plan, _select_calls(connection, pbx_keys, [(k[1], k[2]) for k in b24_keys], lock), b24_keys)
     missing = sorted(k for k in wanted if k not in plan.calls_by_key)
@@ -243,9 +246,9 @@ def _resolve_calls(connection: Connection, batch: Sequence[Folding], now: float,
     new_pbx = [k for k in missing if k[0] == "pbx"]
     rows = [
         {
-            "portal": wanted[key][0],
-            "pbx": key[1],
-            "pbx_call_id": key[2],
+            "portal": key[1],
+            "pbx": key[2],
+            "pbx_call_id": key[3],
             "stage": "new",
             "external": False,
             "answered": False,
@@ -256,9 +259,11 @@ def _resolve_calls(connection: Connection, batch: Sequence[Folding], now: float,
         for key in new_pbx
     ]
     if rows and lock:
-        # the unique (pbx, pbx_call_id) decides between two workers creating the same call
-        connection.execute(postgresql.insert(_CALL).on_conflict_do_nothing(index_elements=["pbx", "pbx_call_id"]), rows)
-        created = _index(plan, _select_calls(connection, [(k[1], k[2]) for k in new_pbx], [], lock), set())
+        # the unique (portal, pbx, pbx_call_id) decides between two workers creating the same call
+        connection.execute(
+            postgresql.insert(_CALL).on_conflict_do_nothing(index_elements=["portal", "pbx", "pbx_call_id"]), rows
+        )
+        created = _index(plan, _select_calls(connection, [k[1:] for k in new_pbx], [], lock), set())
         states |= created
         existing |= created  # some may have been created (with jobs) by another worker meanwhile
     elif rows:  # SQLite: this transaction is the only writer, so what was missing is still missing

@@ -126,7 +126,8 @@ class Call(Base):
     """A phone call as the PBX reported it and as far as Bitrix24 has been told about it."""
 
     __tablename__ = "call"
-    __table_args__ = (UniqueConstraint("pbx", "pbx_call_id", name="uq_call_pbx_call"),)
+    # per portal: two portals' PBXs may use the same call ids (contract §8)
+    __table_args__ = (UniqueConstraint("portal", "pbx", "pbx_call_id", name="uq_call_portal_pbx_call"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     portal: Mapped[str] = mapped_column(String(200))

@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
-from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
+from b24scribe.calls import AmbiguousCall, describe_call, describe_job, find_by_b24, find_by_pbx, iso
 from b24scribe.db import Database
 from b24scribe.limits import MAX_B24_CALL_ID_LENGTH, MAX_PBX_LENGTH, id_problem
 from b24scribe.models import JOB_STATES, Call, InboundEvent, Job, TranscriptPart
@@ -116,12 +116,33 @@ def call_by_b24(b24_call_id: str) -> Response:
 
 
 @bp.get("/calls/<pbx>/<path:pbx_call_id>")
-@documented(200, CallSchema, (404, "no such call from this PBX"))
+@documented(
+    200,
+    CallSchema,
+    (404, "no such call from this PBX"),
+    (409, "several portals have a call with this id: add ?portal="),
+)
+@bp.doc(
+    parameters=[
+        {
+            "name": "portal",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "the portal the call belongs to (calls are keyed per portal)",
+        }
+    ]
+)
 def call_by_pbx(pbx: str, pbx_call_id: str) -> Response:
     """A call by the PBX's own id."""
     storable = id_problem(pbx, MAX_PBX_LENGTH) is None and id_problem(pbx_call_id) is None
+    portal = request.args.get("portal") or None
     with _db().read() as session:
-        call = find_by_pbx(session, pbx, pbx_call_id) if storable else None  # else no row can have it
+        try:
+            call = find_by_pbx(session, pbx, pbx_call_id, portal) if storable else None  # else no row can have it
+        except AmbiguousCall as ambiguous:
+            problem = f"must be one of: {', '.join(ambiguous.portals)} (each has a call with this id)"
+            raise ApiError(409, "ambiguous_call", displayable(str(ambiguous)), {"portal": [problem]}) from None
         if call is None:
             raise ApiError(
                 404, "unknown_call", displayable(f"no call {pbx_call_id!r} from PBX {pbx!r} has reached the service")

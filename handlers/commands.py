@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import defer
 
 from b24scribe import metrics, migrate, outbox, retention
-from b24scribe.calls import describe_call, describe_job, find_by_b24, find_by_pbx, iso
+from b24scribe.calls import AmbiguousCall, describe_call, describe_job, find_by_b24, find_by_pbx, iso
 from b24scribe.checks import has_problems, run_checks
 from b24scribe.db import Database
 from b24scribe.models import InboundEvent, Job
@@ -112,10 +112,14 @@ calls_group = AppGroup("calls", help="Calls and their transcripts.")
 @calls_group.command("show")
 @click.argument("reference")
 @click.option("--pbx", default=None, help="the PBX the id belongs to (else REFERENCE is a Bitrix24 CALL_ID)")
-def calls_show(reference: str, pbx: str | None) -> None:
+@click.option("--portal", default=None, help="the portal the PBX call belongs to (needed when several have one)")
+def calls_show(reference: str, pbx: str | None, portal: str | None) -> None:
     """A call's state as JSON, by Bitrix24 CALL_ID or (with --pbx) by the PBX's call id."""
     with _db().read() as session:
-        call = find_by_pbx(session, pbx, reference) if pbx else find_by_b24(session, reference)
+        try:
+            call = find_by_pbx(session, pbx, reference, portal) if pbx else find_by_b24(session, reference)
+        except AmbiguousCall as ambiguous:
+            raise click.ClickException(f"{ambiguous}: add --portal") from None
         if call is None:
             raise click.ClickException("no such call")
         click.echo(json.dumps(displayable(describe_call(session, call)), indent=2, ensure_ascii=False))
