@@ -124,7 +124,7 @@ class Outcome:
 class CallEvent:
     """One PBX call life-cycle event in our own terms (contract §3.1)."""
 
-    event: str  # started | answered | finished
+    event: str  # started | answered | finished | recording (a recording of the call is ready)
     call_id: str
     direction: Direction | None = None
     from_number: str | None = None
@@ -136,6 +136,7 @@ class CallEvent:
     status: str | None = None
     recording_url: str | None = None
     line: str | None = None
+    recording_channels: int | None = None  # 1 or 2, when the PBX says how the recording is made
 
 
 @dataclass(frozen=True, slots=True)

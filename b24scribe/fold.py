@@ -327,6 +327,8 @@ def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bo
 
 def _fold_call_event(plan: _Plan, call: CallState, event_id: int, event: CallEvent, now: float) -> None:
     call.merge(event, now)
+    if event.event == "recording":  # the recording's URL is kept; the call itself is reported by its events
+        return
     if call.stage == "new" and JobKind.REGISTER not in call.open_kinds:
         _enqueue(plan, JobKind.REGISTER, call, event_id)
     if call.finish_reported and call.stage != "finished" and JobKind.FINISH not in call.open_kinds:

@@ -172,7 +172,7 @@ def _segments(items: list[Any], list_name: str, forced_channel: int | None, erro
 
 def _channel_index(label: Any, path: FieldPath, errors: PayloadErrors) -> int | None:
     """AssemblyAI's 1-based channel label ("1", "2"; left is "1") as our 0-based index."""
-    if type(label) is str and label.isascii() and label.isdigit():
+    if type(label) is str and label.isascii() and label.isdigit() and len(label) <= 9:  # no 5,000-digit int()
         number = int(label)
     elif type(label) is int:
         number = label

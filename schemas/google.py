@@ -147,7 +147,7 @@ def _parse_fast(raw_body: bytes, forced_channel: int | None) -> VendorResult | N
     """The completed result of a common body, or None to let `parse_slow` decide."""
     try:
         body = _FAST_DECODER.decode(raw_body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # nesting too deep: the slow path says so
         return None
     results: list[_FastResult] | None
     job_id: str | None

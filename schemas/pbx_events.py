@@ -32,10 +32,17 @@ from schemas.source import load_json
 UNIX_SECONDS = re.compile(r"\d{9,11}(\.\d+)?")  # Asterisk ${CDR(start,u)}: 1700000000.123456
 # Asterisk peers as ${DIALEDPEERNUMBER} may give them: "PJSIP/101", "101@from-internal", "Local/101-0001"
 PEER_EXTENSION = re.compile(r"^(?:[A-Za-z]+/)?([^@/;-]+)")
-EventName = Literal["call.started", "call.answered", "call.finished"]
+EventName = Literal["call.started", "call.answered", "call.finished", "recording.ready"]
 StatusName = Literal["answered", "busy", "no-answer", "failed", "cancelled"]
 DirectionName = Literal["inbound", "outbound"]  # Direction's values (a test keeps them equal)
 EVENTS: tuple[str, ...] = get_args(EventName)
+# the event names of the generic format → CallEvent.event
+_EVENT_NAMES = {
+    "call.started": "started",
+    "call.answered": "answered",
+    "call.finished": "finished",
+    "recording.ready": "recording",
+}
 STATUSES: tuple[str, ...] = get_args(StatusName)
 # Asterisk's ${DIALSTATUS} and ${CDR(disposition)} values, as the dialplan snippet may send them.
 ASTERISK_STATUSES = {
@@ -101,11 +108,14 @@ class GenericCallEventSchema(Schema):
     status = fields.String(validate=validate.OneOf(STATUSES))
     recording_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=StoredText(MAX_URL_LENGTH))
     line = fields.String(validate=StoredText(MAX_LINE_LENGTH))
+    # how the recording is made, on call.finished (`recording_channels`) or recording.ready (`channels`)
+    recording_channels = fields.Integer(validate=validate.OneOf([1, 2]), strict=True)
+    channels = fields.Integer(validate=validate.OneOf([1, 2]), strict=True)
 
     @post_load
     def make_event(self, data: dict[str, Any], **_: Any) -> CallEvent:
         return CallEvent(
-            event=data["event"].removeprefix("call."),
+            event=_EVENT_NAMES[data["event"]],
             call_id=data["call_id"],
             direction=Direction(data["direction"]) if "direction" in data else None,
             from_number=data.get("from_"),
@@ -117,6 +127,7 @@ class GenericCallEventSchema(Schema):
             status=data.get("status"),
             recording_url=data.get("recording_url"),
             line=data.get("line"),
+            recording_channels=data.get("recording_channels", data.get("channels")),
         )
 
 
@@ -147,7 +158,9 @@ class AsteriskCallEventSchema(GenericCallEventSchema):
                 cleaned["duration"] = int(float(cleaned["duration"]))
         if "extension" in cleaned and (match := PEER_EXTENSION.match(cleaned["extension"])):
             cleaned["extension"] = match.group(1)
-        if "event" in cleaned and not cleaned["event"].startswith("call."):
+        if cleaned.get("event") in ("recording", "recording.ready"):
+            cleaned["event"] = "recording.ready"
+        elif "event" in cleaned and not cleaned["event"].startswith("call."):
             cleaned["event"] = "call." + cleaned["event"]
         return cleaned
 
@@ -176,6 +189,8 @@ class _GenericCallEventFast(msgspec.Struct, forbid_unknown_fields=True, rename={
     status: StatusName | msgspec.UnsetType = msgspec.UNSET
     recording_url: Annotated[str, msgspec.Meta(max_length=MAX_URL_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
     line: Annotated[str, msgspec.Meta(max_length=MAX_LINE_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
+    recording_channels: Literal[1, 2] | msgspec.UnsetType = msgspec.UNSET
+    channels: Literal[1, 2] | msgspec.UnsetType = msgspec.UNSET
 
 
 _FAST_DECODER = msgspec.json.Decoder(_GenericCallEventFast)
@@ -213,7 +228,7 @@ def _parse_generic_fast(body: bytes) -> CallEvent | None:
         except ValidationError:
             return None
     return CallEvent(
-        event=fast.event.removeprefix("call."),
+        event=_EVENT_NAMES[fast.event],
         call_id=fast.call_id,
         direction=None if fast.direction is msgspec.UNSET else Direction(fast.direction),
         from_number=_unset_to_none(fast.from_),
@@ -225,6 +240,7 @@ def _parse_generic_fast(body: bytes) -> CallEvent | None:
         status=_unset_to_none(fast.status),
         recording_url=_unset_to_none(fast.recording_url),
         line=_unset_to_none(fast.line),
+        recording_channels=_unset_to_none(fast.recording_channels) or _unset_to_none(fast.channels),
     )
 
 

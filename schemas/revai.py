@@ -243,7 +243,7 @@ def _speaker_channels(query: Mapping[str, str]) -> int:
     if value is None or value == "":
         return 0
     value = value.strip()
-    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 8):
+    if not (value.isascii() and value.isdigit() and len(value) <= 2 and 1 <= int(value) <= 8):
         raise ValidationError({"speaker_channels_count": ["Must be an integer from 1 to 8, as given to Rev.ai."]})
     return int(value)
 

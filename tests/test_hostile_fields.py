@@ -193,7 +193,12 @@ def parse_stt(vendor: str, body: bytes, query: Mapping[str, str]) -> Callable[[]
 
 
 def fetch_parsers() -> list[tuple[str, Callable[[bytes, Mapping[str, str]], VendorResult]]]:
-    return [(name, vendor.fetch.parse) for name, vendor in STT_VENDORS.items() if vendor.fetch is not None]
+    # the one-GET fetches' parsers (a vendor's own multi-step fetch is tested with its fake API)
+    return [
+        (name, vendor.fetch.parse)
+        for name, vendor in STT_VENDORS.items()
+        if vendor.fetch is not None and vendor.fetch.parse is not None
+    ]
 
 
 # --- every registered parser, any input ----------------------------------------------------------------
