@@ -148,6 +148,7 @@ class SttVendor:
     # A header carrying the vendor's own delivery id, the same on each retry: the event's dedupe key.
     delivery_header: str | None = None
     answer: Answerer | None = None  # requests that are not events (challenges, pings, confirmations)
+    methods: tuple[str, ...] = ("POST",)  # e.g. ("GET", "POST") for a vendor that checks its URL with a GET
     summary: str = ""  # one line for the OpenAPI document
     # The OpenAPI schema of its callback body (a marshmallow schema class), when it has one of ours.
     openapi_schema: object | None = None
@@ -170,6 +171,7 @@ class PbxSource:
     signatures: tuple[SignatureScheme, ...] = ()
     delivery_header: str | None = None
     answer: Answerer | None = None
+    methods: tuple[str, ...] = ("POST",)  # e.g. ("GET", "POST") for a PBX that checks its URL with a GET
     summary: str = ""
     # The OpenAPI schema of its event (a marshmallow schema class or instance), when it has one.
     openapi_schema: object | None = None

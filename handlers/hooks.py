@@ -449,7 +449,7 @@ class HookApp:
                 answer = answer_error(InternalServerError(), None)
                 assert answer is not None
             if isinstance(error, MethodNotAllowed):
-                answer.headers["Allow"] = "POST"
+                answer.headers["Allow"] = ", ".join(error.valid_methods or ["POST"])
             return answer(environ, start_response)
         headers = [("Content-Type", stored.content_type), ("Content-Length", str(len(stored.body)))]
         status = _STATUS_LINES.get(stored.status) or f"{stored.status} {HTTP_STATUS_CODES.get(stored.status, '')}"
@@ -460,9 +460,9 @@ class HookApp:
         """The source this path names (404: none; 405: not a POST)."""
         if kind not in _UNKNOWN or not name or "/" in name:
             raise NotFound()
-        if method != "POST":
-            raise MethodNotAllowed(valid_methods=["POST"])
         described = self.services.sources.of(kind).get(name)  # type: ignore[arg-type]  # kind checked above
+        if method not in (described.methods if described is not None else ("POST",)):
+            raise MethodNotAllowed(valid_methods=list(described.methods if described is not None else ("POST",)))
         if described is None:
             code, noun = _UNKNOWN[kind]
             known = ", ".join(sorted(self.services.sources.of(kind)))  # type: ignore[arg-type]

@@ -67,6 +67,18 @@ def test_a_signed_pbx_is_verified_on_its_url_and_body_before_anything_is_stored(
     assert events(db) == 2
 
 
+def test_a_source_may_take_a_get_to_check_its_url_and_others_still_refuse_it(
+    acme: tuple[Flask, Worker], db: Database
+) -> None:
+    client = acme[0].test_client()
+    echoed = client.get("/hooks/pbx/acmepbx?echo=zd-42", headers=auth())
+    assert (echoed.status_code, echoed.get_data()) == (200, b"zd-42")
+    assert client.get("/hooks/pbx/acmepbx?echo=zd-42").status_code == 401  # authenticated like events
+    refused = client.get("/hooks/pbx/generic", headers=auth())
+    assert (refused.status_code, refused.headers["Allow"]) == (405, "POST")
+    assert events(db) == 0
+
+
 def test_its_delivery_id_makes_a_retry_a_duplicate_even_with_other_bytes(acme: tuple[Flask, Worker]) -> None:
     client = acme[0].test_client()
     first = client.post("/hooks/pbx/acmepbx", **signed({"id": "acme-7", "type": "ringing"}, delivery="d-1"))

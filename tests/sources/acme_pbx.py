@@ -19,7 +19,7 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate
 from b24scribe.events import CallEvent
 from b24scribe.inbound_auth import Authenticated, AuthFailure, HookRequest
 from b24scribe.settings import Settings
-from b24scribe.sources import PbxSource
+from b24scribe.sources import HookAnswer, PbxSource
 from b24scribe.transcript import Direction
 from schemas.source import load_json
 
@@ -86,9 +86,18 @@ def parse(body: bytes, query: Mapping[str, str]) -> CallEvent:
     return event
 
 
+def answer(request: HookRequest, body: bytes, settings: Settings) -> HookAnswer | None:
+    """Like Zadarma, it checks the URL with a GET carrying a value to echo (authenticated like events)."""
+    if request.method == "GET":
+        return HookAnswer(200, (request.query.get("echo") or "").encode())
+    return None
+
+
 SOURCE = PbxSource(
     "acmepbx",
     parse,
+    methods=("GET", "POST"),
+    answer=answer,
     signatures=(AcmeSignature(),),
     delivery_header="X-Acme-Delivery",
     summary="Acme Cloud PBX (signed JSON events; a test source)",
