@@ -48,3 +48,17 @@ def recording_of(app: Flask, pbx: str, pbx_call_id: str) -> tuple[str | None, st
     with app.extensions["b24scribe.db"].read() as session:
         call = session.scalars(select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)).one()
         return call.recording_url, call.stage
+
+
+def test_an_answered_call_is_never_finished_as_missed(
+    client: FlaskClient, worker: Worker, fake_bitrix24: FakeBitrix24
+) -> None:
+    base = {"call_id": "1733400000.11", "direction": "inbound", "from": "+15550002", "user_id": 1}
+    for event in ({"event": "call.started"}, {"event": "call.answered"}):
+        assert client.post("/hooks/pbx/generic", json={**base, **event}, headers=auth()).status_code == 202
+    # the queue's last leg reports no-answer after another agent took the call
+    finished = {"event": "call.finished", "status": "no-answer", "duration": 41}
+    assert client.post("/hooks/pbx/generic", json={**base, **finished}, headers=auth()).status_code == 202
+    worker.drain()
+    [finish] = fake_bitrix24.calls_to("telephony.externalCall.finish")
+    assert (finish.params["STATUS_CODE"], int(finish.params["DURATION"])) == ("200", 41)
