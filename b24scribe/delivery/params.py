@@ -86,10 +86,7 @@ def finish_params(call: Call, settings: Settings) -> dict[str, Any]:
     """telephony.externalCall.finish parameters."""
     # An answered call is never shown as missed: a PBX's last word (the last leg's busy or no-answer,
     # a queue's give-up) does not undo an answer already reported for the call.
-    if call.answered:
-        status = "answered"
-    else:
-        status = call.status or ("answered" if (call.duration or 0) > 0 else "no-answer")
+    status = "answered" if call.answered else call.status or ("answered" if (call.duration or 0) > 0 else "no-answer")
     params: dict[str, Any] = {
         "CALL_ID": call.b24_call_id,
         **user_params(call, settings),

@@ -271,11 +271,11 @@ class Fuzzer:
     def _finish_waiting_calls(self) -> None:
         with self.db.read() as session:
             calls = session.execute(
-                select(Call.id, Call.pbx, Call.pbx_call_id)
+                select(Call.id, Call.pbx, Call.pbx_call_id, Call.portal)
                 .where(Call.stage != "finished", Call.pbx.in_(FINISHABLE_PBXS), Call.pbx_call_id.is_not(None))
                 .where(Call.id.in_(select(Job.call_id).where(Job.state == "waiting")))
             ).all()
-        for call_id, pbx, pbx_call_id in calls:
+        for call_id, pbx, pbx_call_id, portal in calls:
             finished = {
                 "event": "call.finished",
                 "call_id": pbx_call_id,
@@ -293,7 +293,8 @@ class Fuzzer:
             else:
                 body = urlencode(finished).encode()
                 headers = {**auth(), "Content-Type": "application/x-www-form-urlencoded"}
-            response = self.client.post(f"/hooks/pbx/{pbx}", data=body, headers=headers)
+            # calls are keyed per portal: the PBX reports it on the portal the transcript named
+            response = self.client.post(f"/hooks/pbx/{pbx}?{urlencode({'portal': portal})}", data=body, headers=headers)
             if not 200 <= response.status_code < 300:
                 family, request = self._origin(None, call_id)
                 detail = (
