@@ -3,7 +3,8 @@
 For each vendor a realistic payload of ~10,000 words is generated (deterministic seed): Deepgram
 multichannel with utterances and words, Speechmatics json-v2 words, an AssemblyAI fetched transcript
 with words and utterances, Rev.ai monologues, OpenAI verbose_json with segments and words, and the
-second wave's (Google stereo and diarized mono, Yandex, one Vosk channel, Gladia, ElevenLabs words).
+second wave's (Google stereo and diarized mono, Yandex, one Vosk channel, Gladia, ElevenLabs words,
+AWS Transcribe output, an Azure result file, Twilio's fetched sentences).
 `translate` is the vendor's `parse(body, query)` (which decodes the JSON itself) followed by
 `build_messages` with the default SideRules. Target: translate ≤ 2.0 × json.loads (a hard limit).
 
@@ -301,12 +302,15 @@ Case = tuple[str, Parser, Callable[[], bytes], Mapping[str, str]]
 def cases() -> tuple[Case, ...]:
     """Every vendor's case: the first wave's generators here, the second wave's in bench/translation_<vendor>.py
     (imported here, as they import this module's WORDS and turns)."""
+    from bench.translation_aws import aws_payload
+    from bench.translation_azure import azure_payload
     from bench.translation_elevenlabs import elevenlabs_payload
     from bench.translation_gladia import gladia_payload
     from bench.translation_google import google_diarized_payload, google_payload
+    from bench.translation_twilio import twilio_payload
     from bench.translation_vosk import vosk_payload
     from bench.translation_yandex import yandex_payload
-    from schemas import elevenlabs, gladia, google, vosk, yandex
+    from schemas import aws, azure, elevenlabs, gladia, google, twilio, vosk, yandex
 
     return (
         ("deepgram", deepgram.parse, deepgram_payload, {}),
@@ -321,6 +325,9 @@ def cases() -> tuple[Case, ...]:
         ("vosk", vosk.parse, vosk_payload, {"channel": "0"}),
         ("gladia", gladia.parse, gladia_payload, {}),
         ("elevenlabs", elevenlabs.parse, elevenlabs_payload, {}),
+        ("aws", aws.parse, aws_payload, {}),
+        ("azure", azure.parse, azure_payload, {}),  # the result file, posted as is or fetched
+        ("twilio", twilio.parse_sentences, twilio_payload, {}),  # the fetched Sentences
     )
 
 

@@ -17,6 +17,8 @@ from b24scribe.sources import FetchContext, Parser, PbxSource, Sources, SttVendo
 from b24scribe.transcript import VendorResult
 from schemas import (
     assemblyai,
+    aws,
+    azure,
     deepgram,
     elevenlabs,
     fasterwhisper,
@@ -27,6 +29,7 @@ from schemas import (
     pbx_events,
     revai,
     speechmatics,
+    twilio,
     vosk,
     whispercpp,
     yandex,
@@ -98,6 +101,9 @@ VENDORS: tuple[SttVendor, ...] = (
     google.VENDOR,
     yandex.VENDOR,
     vosk.VENDOR,
+    azure.VENDOR,
+    aws.VENDOR,
+    twilio.VENDOR,
 )
 
 SOURCES = registry(PBXS, VENDORS)
