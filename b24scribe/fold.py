@@ -111,7 +111,18 @@ class CallState:
     attach_queued: bool = False  # an attach job not yet started (waiting or pending)
 
     def merge(self, event: CallEvent, now: float) -> None:
-        """Fold an event into the call: later non-empty values win, nothing known is erased."""
+        """Fold an event into the call: later non-empty values win, nothing known is erased.
+
+        Status and duration come from `finished` events and from any event that carries a status
+        (a multi-leg PBX reports each agent leg's outcome and talk time before the call ends). A call
+        answered on any leg stays answered: an event with another status (a leg that was busy or
+        not answered) changes neither its status, its duration nor its user; nor does a leg that is
+        only starting (`started`) change its user.
+        """
+        # once answered, a started event is another leg ringing (a transfer): not yet the call's user
+        other_leg = self.status == "answered" and (
+            event.status not in (None, "", "answered") or (event.event == "started" and not event.status)
+        )
         for attribute, value in (
             ("direction", event.direction.value if event.direction else None),
             ("from_number", event.from_number),
@@ -122,17 +133,22 @@ class CallState:
             ("line", event.line),
             ("recording_url", event.recording_url),
         ):
-            if value not in (None, ""):
+            if value not in (None, "") and not (other_leg and attribute in ("extension", "user_id")):
                 setattr(self, attribute, value)
         if event.event == "answered":
             self.answered = True
         if event.event == "finished":
             self.finish_reported = True
+        if (event.event == "finished" or event.status) and not other_leg:
             if event.duration is not None:
                 self.duration = event.duration
             if event.status:
                 self.status = event.status
                 self.answered = self.answered or event.status == "answered"
+        if self.answered and self.status not in (None, "answered"):
+            # an answered call is never shown as missed: another leg's hangup (a queue member that
+            # did not pick up, an IVR leg) does not undo an answer, in whichever order they arrive
+            self.status = "answered"
         self.updated_at = now
         self.changed = True
 

@@ -172,6 +172,8 @@ class PbxSource:
     delivery_header: str | None = None
     answer: Answerer | None = None
     methods: tuple[str, ...] = ("POST",)  # e.g. ("GET", "POST") for a PBX that checks its URL with a GET
+    # the PBX posts to paths below the URL it is given (Mango: <url>/events/call): the same hook
+    subpaths: bool = False
     summary: str = ""
     # The OpenAPI schema of its event (a marshmallow schema class or instance), when it has one.
     openapi_schema: object | None = None

@@ -458,9 +458,12 @@ class HookApp:
 
     def _route(self, kind: str, name: str, method: str) -> Source:
         """The source this path names (404: none; 405: not a POST)."""
-        if kind not in _UNKNOWN or not name or "/" in name:
+        name, slash, below = name.partition("/")
+        if kind not in _UNKNOWN or not name:
             raise NotFound()
         described = self.services.sources.of(kind).get(name)  # type: ignore[arg-type]  # kind checked above
+        if slash and not (isinstance(described, PbxSource) and described.subpaths and below):
+            raise NotFound()  # a path below a hook is the same hook only for a source that posts there
         if method not in (described.methods if described is not None else ("POST",)):
             raise MethodNotAllowed(valid_methods=list(described.methods if described is not None else ("POST",)))
         if described is None:

@@ -25,14 +25,20 @@ from schemas import (
     generic_transcript,
     gladia,
     google,
+    mango,
     openai,
     pbx_events,
+    plivo,
     revai,
     speechmatics,
+    telnyx,
     twilio,
+    twilio_pbx,
+    vonage,
     vosk,
     whispercpp,
     yandex,
+    zadarma,
 )
 
 
@@ -86,6 +92,12 @@ def registry(pbxs: tuple[PbxSource, ...], vendors: tuple[SttVendor, ...]) -> Sou
 PBXS: tuple[PbxSource, ...] = (
     pbx_events.GENERIC,
     pbx_events.ASTERISK,
+    telnyx.SOURCE,
+    plivo.SOURCE,
+    mango.SOURCE,
+    zadarma.SOURCE,
+    vonage.SOURCE,
+    twilio_pbx.SOURCE,
 )
 VENDORS: tuple[SttVendor, ...] = (
     generic_transcript.VENDOR,

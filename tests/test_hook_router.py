@@ -25,6 +25,7 @@ from werkzeug.test import Client, TestResponse
 from app import create_app
 from b24scribe.db import Database
 from b24scribe.models import Base, InboundEvent, Job
+from schemas.registry import SOURCES
 from tests.conftest import INBOUND_TOKEN, auth, make_settings, sign_standard_webhook
 from tests.fake_bitrix24 import FakeBitrix24
 
@@ -159,7 +160,7 @@ def test_what_users_send_gets_its_answer_in_the_one_error_shape(hook_app: Flask)
 def test_unknown_names_are_404s_naming_the_known_ones_and_other_methods_405s(client: FlaskClient) -> None:
     answer = client.post("/hooks/pbx/nosuchpbx", json=CALL, headers=auth())
     assert answer.status_code == 404
-    assert answer.get_json()["error"]["message"] == "no PBX 'nosuchpbx'; known: asterisk, generic"
+    assert answer.get_json()["error"]["message"] == f"no PBX 'nosuchpbx'; known: {', '.join(sorted(SOURCES.pbx))}"
     answer = client.post("/hooks/stt/nosuchvendor", json=TRANSCRIPT, headers=auth())
     assert answer.get_json()["error"]["code"] == "unknown_vendor"
     assert "deepgram" in answer.get_json()["error"]["message"]
