@@ -137,7 +137,7 @@ def _user(query: Mapping[str, str]) -> User:
     """The user the callback URL names (`?extension=` / `?user_id=`), if any."""
     user_id: int | None = None
     if raw := (query.get("user_id") or "").strip():
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_USER_ID:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not 1 <= int(raw) <= MAX_USER_ID:
             raise ValidationError({"user_id": [f"Must be from 1 to {MAX_USER_ID}."]})
         user_id = int(raw)
     return (query.get("extension") or "").strip() or None, user_id

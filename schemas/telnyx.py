@@ -117,7 +117,7 @@ class TelnyxSignature:
         if _public_key(settings, source) is None:
             raise AuthFailure(401, "bad_signature", "B24SCRIBE_TELNYX_PUBLIC_KEY is not a base64 Ed25519 public key")
         value = (request.header(TIMESTAMP_HEADER) or "").strip()
-        if not value.isdigit() or len(value) > 12:
+        if not (value.isascii() and value.isdigit()) or len(value) > 12:
             raise AuthFailure(401, "bad_signature", "Telnyx signature rejected: telnyx-timestamp is not a number")
         if abs(time.time() - int(value)) > TOLERANCE_SECONDS:
             raise AuthFailure(
