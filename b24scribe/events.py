@@ -240,6 +240,12 @@ def _store_core(connection: Connection, raw: RawEvent, key: str, state: str, err
     return Outcome(event_id, False, error)
 
 
+def store_event_in(connection: Connection, raw: RawEvent, key: str) -> Outcome:
+    """Store an accepted event and its `apply` job in the caller's transaction (a job's outcome that
+    stores an event, such as a fetch placing a callback on its call)."""
+    return _store_core(connection, raw, key, "accepted", None)
+
+
 def _store(db: Database, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None) -> Outcome:
     return db.transact(
         functools.partial(_store_core, raw=raw, key=key, state=state, error=error),

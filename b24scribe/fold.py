@@ -170,6 +170,12 @@ def _b24_key(portal: str, b24_call_id: str) -> tuple[str, ...]:
     return ("b24", portal, b24_call_id)
 
 
+def _unplaced(folding: Folding) -> bool:
+    """A transcript whose callback names no call: its vendor's fetch will (`fetch_names_call`)."""
+    content = folding.readable.content
+    return not isinstance(content, CallEvent) and content.reference.is_empty()
+
+
 def _call_key(folding: Folding) -> tuple[tuple[str, ...], str, Direction | None]:
     """Which call an event folds into: its key, the portal it would be created on, and a direction."""
     content = folding.readable.content
@@ -250,6 +256,8 @@ def _resolve_calls(connection: Connection, batch: Sequence[Folding], now: float,
     plan = _Plan()
     wanted: dict[tuple[str, ...], tuple[str, Direction | None]] = {}
     for folding in batch:
+        if _unplaced(folding):
+            continue
         key, portal, direction = _call_key(folding)
         wanted.setdefault(key, (portal, direction))
     if lock:
@@ -395,6 +403,11 @@ def fold_batch(session: Session, batch: Sequence[Folding], now: float, lock_call
     ordered = sorted(batch, key=lambda folding: folding.event_id)
     plan = _resolve_calls(connection, ordered, now, lock_calls)
     for folding in ordered:
+        if _unplaced(folding):
+            # its call is named by what the vendor's fetch returns: fetch first, then place it
+            fetch = {"kind": JobKind.FETCH, "call_id": None, "event_id": folding.event_id, "portal": None}
+            plan.jobs.append({**fetch, "transcript_id": None, "state": JobState.PENDING})
+            continue
         call = plan.calls_by_key[_call_key(folding)[0]]
         plan.event_calls.append({"b_id": folding.event_id, "b_call": call.id})
         content = folding.readable.content

@@ -67,7 +67,9 @@ def transcript_options(query: Mapping[str, str]) -> TranscriptOptions:
     )
 
 
-def call_reference(sources: Sources, query: Mapping[str, str], payload_reference: CallReference) -> CallReference:
+def call_reference(
+    sources: Sources, query: Mapping[str, str], payload_reference: CallReference, unnamed_ok: bool = False
+) -> CallReference:
     """The call named by the URL and/or the vendor's metadata; they must agree (contract §3.3)."""
     url = CallReference(
         pbx=query.get("pbx") or None,
@@ -98,6 +100,8 @@ def call_reference(sources: Sources, query: Mapping[str, str], payload_reference
             # a form PBX's hook strips its values, so its call " x " is "x": name it the same way
             merged = replace(merged, pbx_call_id=merged.pbx_call_id.strip() or None)
     if merged.b24_call_id is None:
+        if merged.pbx_call_id is None and merged.pbx is None and unnamed_ok:
+            return merged  # the vendor's fetch names the call (b24scribe.delivery.fetches places it)
         if merged.pbx_call_id is None:
             raise ValidationError(
                 {"call": ["name the call: add ?pbx=<pbx>&call=<pbx call id> or ?b24_call_id=<CALL_ID> to the URL"]}
@@ -112,7 +116,9 @@ def parse_transcript(sources: Sources, vendor: str, body: bytes, query: Mapping[
     adapter = sources.stt[vendor]
     options = transcript_options(query)
     result = adapter.parse(body, query)
-    reference = call_reference(sources, query, result.reference)
+    # a job's result or failure that only the vendor's job can place (its tags, its properties)
+    unnamed_ok = adapter.fetch_names_call and result.status in ("fetch", "failed")
+    reference = call_reference(sources, query, result.reference, unnamed_ok)
     if result.status == "completed" and result.transcript is not None:
         check_attributable(result.transcript)
     return ParsedTranscript(result, reference, options)

@@ -145,6 +145,9 @@ class SttVendor:
     auth_header: str | None = None
     # Signatures over the request this vendor may send instead of the token (tried first).
     signatures: tuple[SignatureScheme, ...] = ()
+    # Its fetch may name the call (AWS job tags, Azure customProperties): a callback that only names
+    # its job is accepted without naming the call, and placed on its call once the fetch says which.
+    fetch_names_call: bool = False
     # A header carrying the vendor's own delivery id, the same on each retry: the event's dedupe key.
     delivery_header: str | None = None
     answer: Answerer | None = None  # requests that are not events (challenges, pings, confirmations)

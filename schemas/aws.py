@@ -753,6 +753,7 @@ VENDOR = SttVendor(
     name=NAME,
     parse=parse,
     fetch=FetchSpec(default_api_url="", run=fetch, needs_api_key=False),
+    fetch_names_call=True,  # the job's own metadata may name the call (contract §11)
     signatures=(SNS_SIGNATURE,),
     answer=answer,
     summary="AWS Transcribe: the output JSON, or the EventBridge job event (direct or via signed SNS), fetched",

@@ -531,6 +531,7 @@ VENDOR = SttVendor(
     name="azure",
     parse=parse,
     fetch=FetchSpec(default_api_url=DEFAULT_API_URL, run=fetch),
+    fetch_names_call=True,  # the job's own metadata may name the call (contract §11)
     signatures=(SIGNATURE,),
     answer=answer,
     summary=(

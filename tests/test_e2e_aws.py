@@ -318,3 +318,56 @@ def test_a_subscription_confirmation_is_followed_to_sns_and_nothing_is_stored(
     refused = sns_post(aws_app, fake_aws.sign_sns(message, "2"), kind="SubscriptionConfirmation")
     assert refused.status_code == 422
     assert events(db) == 0
+
+
+def test_one_eventbridge_url_for_every_call_the_jobs_tags_name_each_call(
+    aws_app: Flask,
+    drain: Any,
+    fake_bitrix24: FakeBitrix24,
+    fake_aws: FakeAws,  # noqa: F811
+) -> None:
+    call_id = finished_call(fake_bitrix24.webhook_url)
+    job(fake_aws, tags={"b24scribe_b24_call_id": call_id})
+    fake_aws.serve(PRESIGNED, fixture("aws/stereo_output.json"))
+
+    response = post(aws_app, fixture("aws/event_completed.json"), "")  # the rule's URL names no call
+    assert response.status_code == 202
+    drain()
+
+    assert attached_messages(fake_bitrix24, call_id) == STEREO_CALL
+    found = aws_app.test_client().get(f"/v1/calls/by-b24/{call_id}", headers=admin()).json
+    assert [part["state"] for part in found["transcripts"]] == ["delivered"]
+
+
+def test_a_job_whose_tags_name_no_call_is_dead_saying_how_to_name_it(
+    aws_app: Flask,
+    drain: Any,
+    fake_bitrix24: FakeBitrix24,
+    fake_aws: FakeAws,  # noqa: F811
+) -> None:
+    job(fake_aws, tags={"team": "support"})
+    fake_aws.serve(PRESIGNED, fixture("aws/stereo_output.json"))
+    assert post(aws_app, fixture("aws/event_completed.json"), "").status_code == 202
+    drain()
+    dead = aws_app.test_client().get("/v1/jobs?state=dead", headers=admin()).json
+    [fetch] = [j for j in dead["jobs"] if j["kind"] == "fetch"]
+    assert "neither the callback nor the vendor's job names the call" in fetch["last_error"]
+    assert "b24_call_id" in fetch["last_error"]
+    assert fake_bitrix24.calls_to("telephony.call.attachTranscription") == []
+
+
+def test_a_failed_job_named_only_by_its_tags_is_recorded_on_that_call(
+    aws_app: Flask,
+    drain: Any,
+    fake_bitrix24: FakeBitrix24,
+    fake_aws: FakeAws,  # noqa: F811
+) -> None:
+    described = job(fake_aws, name="b24-failed-0c3d", tags={"b24scribe_b24_call_id": "externalCall.f.3"})
+    described.update(TranscriptionJobStatus="FAILED", FailureReason="Your audio file is too short.")
+    described.pop("Transcript")
+    assert post(aws_app, fixture("aws/event_failed.json"), "").status_code == 202  # the rule's URL names no call
+    drain()
+    transcript = state(aws_app, "externalCall.f.3")["transcripts"][0]
+    assert transcript["state"] == "failed"
+    assert transcript["reason"] == json.loads(fixture("aws/event_failed.json"))["detail"]["FailureReason"]
+    assert fake_bitrix24.requests == []

@@ -111,6 +111,23 @@ def test_a_reference_only_web_hook_fetches_the_transcription_first(
     assert [served.path for served in fake_vendor_api.requests] == [self_path, FILES_PATH, RESULT_PATH]
 
 
+def test_a_reference_only_web_hook_is_placed_on_the_call_its_transcription_names(
+    post: Any, drain: Any, fake_bitrix24: FakeBitrix24, fake_vendor_api: FakeVendorApi
+) -> None:
+    # one web hook serves the whole Speech resource: the URL names no call, customProperties do
+    call_id = finished_call(fake_bitrix24.webhook_url)
+    reference = on_fake_api(fake_vendor_api, fixture("webhook_reference.json"))
+    self_path = json.loads(reference)["self"].removeprefix(fake_vendor_api.url)
+    transcription = on_fake_api(fake_vendor_api, fixture("webhook_succeeded.json"))
+    fake_vendor_api.serve(self_path, transcription.replace(CALL_ID.encode(), call_id.encode()))
+    serve_files(fake_vendor_api, "result_diarized.json")
+
+    assert post(reference).status_code == 202
+    drain()
+
+    assert attached_messages(fake_bitrix24, call_id) == DIARIZED_MESSAGES
+
+
 def test_a_failed_transcription_is_recorded_with_azures_reason_and_nothing_is_sent(
     post: Any, drain: Any, azure_app: Flask, fake_bitrix24: FakeBitrix24, fake_vendor_api: FakeVendorApi
 ) -> None:

@@ -173,7 +173,7 @@ def test_a_vendor_fetch_waits_for_the_vendor_timeout_not_the_bitrix24_one(tmp_pa
             Recorder(database, pace_from(settings), settings.retry_schedule),  # type: ignore[arg-type]
         )
         part = SimpleNamespace(id=1, vendor="assemblyai", vendor_job_id="abc")
-        outcome = fetches._get(part, {}, b"")  # type: ignore[arg-type]
+        outcome = fetches._get(part.vendor, part.vendor_job_id, part.id, {}, b"")
     finally:
         database.dispose()
     assert http.timeouts == [45.0]
