@@ -7,7 +7,7 @@ recording's `{recording_url, recording_uuid, conversation_uuid, start_time, end_
 `record` action's `eventUrl`. The call is `conversation_uuid`: every leg of a conversation (the
 caller's, the agents' a `connect` rang) folds into one Bitrix24 call.
 
-Signed webhooks (contract §11, research/pbx.md A6): `Authorization: Bearer <JWT>`, HS256 with the
+Signed webhooks (contract §11): `Authorization: Bearer <JWT>`, HS256 with the
 account's signature secret (B24SCRIBE_VONAGE_SIGNATURE_SECRET), claims `iat`, `jti`, `iss`,
 `api_key`, `application_id` and `payload_hash`, the hex SHA-256 of the raw body. Verified with PyJWT
 (what Vonage's own `vonage_jwt.verify_signature` does), the body against `payload_hash` (required:
