@@ -1,8 +1,9 @@
-"""The ``fake_bitrix24`` pytest fixture, and the fake's names for the tests that import them here.
+"""The ``fake_bitrix24`` pytest fixture.
 
 The fake Bitrix24 itself is the ``fake_bitrix24`` package at the repository root (no pytest in it,
-so benchmarks and ``python -m fake_bitrix24`` use it too); this plugin only adds the fixture.
-Load it with ``pytest_plugins = ["tests.fake_bitrix24"]``.
+so benchmarks and ``python -m fake_bitrix24`` use it too); this plugin only adds the fixture, and
+re-exports ``FakeBitrix24`` for the tests that type their fixture argument with it. Load it with
+``pytest_plugins = ["tests.fake_bitrix24"]``.
 """
 
 from __future__ import annotations
@@ -11,118 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fake_bitrix24 import (
-    ACCESS_TOKEN_TTL,
-    APP_ONLY_METHODS,
-    CALL_NOT_REGISTERED,
-    DEDUP_WINDOW_SECONDS,
-    DEFAULT_PORTAL,
-    DEFAULT_SCOPES,
-    FAKE_BUGS,
-    FINISH_RESULT_KEYS,
-    JSON_CONTENT_TYPE,
-    OAUTH_DOMAIN,
-    OAUTH_SERVER_METHOD,
-    OPERATING_WINDOW_MINUTES,
-    REFRESH_TOKEN_TTL,
-    STATISTIC_PAGE_SIZE,
-    TRANSCRIPT_MESSAGE_KEYS,
-    TRANSCRIPT_SIDES,
-    USER_INACTIVE,
-    USER_NOT_SET,
-    ActiveCall,
-    ApiError,
-    App,
-    Exchange,
-    FakeBitrix24,
-    FakeBitrix24Handler,
-    FakeBitrix24Server,
-    FakeConfig,
-    FaultDice,
-    IncomingRequest,
-    Injection,
-    Installation,
-    LeakyBucket,
-    MethodCall,
-    MethodHandler,
-    OAuthMixin,
-    Page,
-    PortalState,
-    RecordedRequest,
-    Reply,
-    TokenRequest,
-    User,
-    Webhook,
-    build_parser,
-    config_from_args,
-    main,
-    member_id_for,
-    parse_params,
-    parse_php_form,
-    php_float,
-    php_int,
-    php_loosely_equals_int,
-    php_str,
-    php_truthy,
-    strip_phone,
-)
+from fake_bitrix24 import FakeBitrix24
 
-__all__ = [
-    "ACCESS_TOKEN_TTL",
-    "APP_ONLY_METHODS",
-    "CALL_NOT_REGISTERED",
-    "DEDUP_WINDOW_SECONDS",
-    "DEFAULT_PORTAL",
-    "DEFAULT_SCOPES",
-    "FAKE_BUGS",
-    "FINISH_RESULT_KEYS",
-    "JSON_CONTENT_TYPE",
-    "OAUTH_DOMAIN",
-    "OAUTH_SERVER_METHOD",
-    "OPERATING_WINDOW_MINUTES",
-    "REFRESH_TOKEN_TTL",
-    "STATISTIC_PAGE_SIZE",
-    "TRANSCRIPT_MESSAGE_KEYS",
-    "TRANSCRIPT_SIDES",
-    "USER_INACTIVE",
-    "USER_NOT_SET",
-    "ActiveCall",
-    "ApiError",
-    "App",
-    "Exchange",
-    "FakeBitrix24",
-    "FakeBitrix24Handler",
-    "FakeBitrix24Server",
-    "FakeConfig",
-    "FaultDice",
-    "IncomingRequest",
-    "Injection",
-    "Installation",
-    "LeakyBucket",
-    "MethodCall",
-    "MethodHandler",
-    "OAuthMixin",
-    "Page",
-    "PortalState",
-    "RecordedRequest",
-    "Reply",
-    "TokenRequest",
-    "User",
-    "Webhook",
-    "build_parser",
-    "config_from_args",
-    "fake_bitrix24",
-    "main",
-    "member_id_for",
-    "parse_params",
-    "parse_php_form",
-    "php_float",
-    "php_int",
-    "php_loosely_equals_int",
-    "php_str",
-    "php_truthy",
-    "strip_phone",
-]
+__all__ = ["FakeBitrix24", "fake_bitrix24"]
 
 
 @pytest.fixture
