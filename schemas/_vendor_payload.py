@@ -295,3 +295,25 @@ def status_failure(error: Any, job_id: str | None, vendor: str) -> VendorResult:
     elif type(error) is str and error.strip():
         reason = error
     return VendorResult(status="failed", failure_reason=reason, vendor_job_id=job_id)
+
+
+def unwrap_operation(
+    body: dict[str, Any], list_key: str, accepted: str, not_done: str, job_id: str | None, vendor: str
+) -> tuple[dict[str, Any], FieldPath] | VendorResult:
+    """A long-running Operation as Google and Yandex post it: the response it wraps and its path, or
+    the failed job its `error` is. A body that is already the response (it holds `list_key`) is kept."""
+    if list_key in body and "response" not in body and "error" not in body:
+        return body, ()
+    error = body.get("error")
+    if error is not None:
+        return status_failure(error, job_id, vendor)
+    if "response" not in body and "done" not in body:
+        raise ValidationError({list_key: [accepted]})
+    if body.get("done") is not True:
+        raise ValidationError({"done": [not_done]})
+    response = body.get("response")
+    if response is None:
+        raise field_error(("response",), "Missing data for required field.")
+    if type(response) is not dict:
+        raise field_error(("response",), "Not a valid object.")
+    return response, ("response",)

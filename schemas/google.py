@@ -58,6 +58,7 @@ from schemas._vendor_payload import (
     field_error,
     new_segment,
     status_failure,
+    unwrap_operation,
 )
 from schemas.source import load_json
 
@@ -302,23 +303,10 @@ def _locate(body: Any) -> VendorResult | tuple[list[Any], FieldPath, str | None]
     if type(body) is not dict:
         raise ValidationError({"_schema": ["The body must be a JSON object or list."]})
     job_id = _string(body.get("name"))
-    if "results" in body and "response" not in body and "error" not in body:
-        response: Any = body  # the response itself, or a v2 result file
-        base: FieldPath = ()
-    else:
-        error = body.get("error")
-        if error is not None:
-            return _failed(error, job_id)
-        if "response" not in body and "done" not in body:
-            raise ValidationError({"results": [_ACCEPTED_SHAPES]})
-        if body.get("done") is not True:
-            raise ValidationError({"done": [_NOT_DONE]})
-        response = body.get("response")
-        base = ("response",)
-        if response is None:
-            raise field_error(base, "Missing data for required field.")
-        if type(response) is not dict:
-            raise field_error(base, "Not a valid object.")
+    unwrapped = unwrap_operation(body, "results", _ACCEPTED_SHAPES, _NOT_DONE, job_id, "Google Speech-to-Text")
+    if isinstance(unwrapped, VendorResult):
+        return unwrapped
+    response, base = unwrapped
     job_id = job_id or _string(response.get("requestId"))
     results = response.get("results")
     if results is None:

@@ -41,7 +41,7 @@ from schemas._vendor_payload import (
     duration_seconds,
     field_error,
     new_segment,
-    status_failure,
+    unwrap_operation,
 )
 from schemas.source import load_json
 
@@ -75,31 +75,14 @@ def _locate(body: Any) -> VendorResult | tuple[list[Any], FieldPath, str | None]
         raise ValidationError({"_schema": ["The body must be a JSON object or list."]})
     job_id = body.get("id")
     job_id = job_id if type(job_id) is str and job_id else None
-    if "chunks" in body and "response" not in body and "error" not in body:
-        response: Any = body
-        base: FieldPath = ()
-    else:
-        error = body.get("error")
-        if error is not None:
-            return _failed(error, job_id)
-        if "response" not in body and "done" not in body:
-            raise ValidationError({"chunks": [_ACCEPTED_SHAPES]})
-        if body.get("done") is not True:
-            raise ValidationError({"done": [_NOT_DONE]})
-        response = body.get("response")
-        base = ("response",)
-        if response is None:
-            raise field_error(base, "Missing data for required field.")
-        if type(response) is not dict:
-            raise field_error(base, "Not a valid object.")
+    unwrapped = unwrap_operation(body, "chunks", _ACCEPTED_SHAPES, _NOT_DONE, job_id, "Yandex SpeechKit")
+    if isinstance(unwrapped, VendorResult):
+        return unwrapped
+    response, base = unwrapped
     chunks = response.get("chunks", [])  # nothing recognised: no chunks
     if type(chunks) is not list:
         raise field_error((*base, "chunks"), "Not a valid list.")
     return chunks, (*base, "chunks"), job_id
-
-
-def _failed(error: Any, job_id: str | None) -> VendorResult:
-    return status_failure(error, job_id, "Yandex SpeechKit")
 
 
 def _channel_tag(value: Any) -> int | None:
