@@ -194,7 +194,9 @@ def test_a_poison_job_ends_dead_with_its_reason_while_the_portals_other_calls_ke
     delivered = fake_bitrix24.attachments_by_call()
     assert poisoned not in delivered and all(len(delivered[c]) == 1 for c in calls if c != poisoned)
     arrivals = sorted(r.timestamp for r in fake_bitrix24.calls_to(ATTACH))
-    assert arrivals[-1] - arrivals[0] <= 4 * 0.2 + 2.0, "the others went at the portal's pace (5/s), not held by the poison job"
+    assert arrivals[-1] - arrivals[0] <= 4 * 0.2 + 2.0, (
+        "the others went at the portal's pace (5/s), not held by the poison job"
+    )
 
 
 def test_a_fold_that_fails_unexpectedly_never_stops_delivery(
