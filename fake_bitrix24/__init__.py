@@ -32,8 +32,17 @@ and read ``refreshes(member_id)``, ``token_requests`` and the ``member_id``/``ac
 fields of recorded REST requests. Out of process, ``/_fake/apps``, ``/_fake/install`` and
 friends do the same over HTTP.
 
+Call recordings: ``telephony.externalCall.attachRecord`` takes a finished call's ``RECORD_URL``
+(stored, never downloaded), ``FILENAME`` + ``FILE_CONTENT`` (base64), or ``FILENAME`` alone, which
+answers ``{"uploadUrl": "<base_url>/upload/<token>/", "fieldName": "file"}``: a multipart POST
+there is streamed (hundreds of MB in bounded memory) and answers ``{"result": {"FILE_ID": n}}``.
+The fake keeps each file's name, size and SHA-256, not its bytes: ``records_by_call()`` gives
+every call's history of ``RecordAttachment``, ``GET /_fake/records`` the same over HTTP. Uploads
+appear in the request log as method ``upload`` and can be targeted by ``inject("upload", ...)``.
+
 Modules: ``server`` (FakeBitrix24, its control API, the HTTP server), ``limits`` (leaky bucket,
 operating time), ``faults`` (injections, random faults), ``telephony`` (the REST methods),
+``records`` (attachRecord, the upload route), ``multipart`` (streamed request bodies),
 ``oauth`` (application mode, the OAuth server), ``apps`` (applications, installations, tokens,
 event payloads), ``state`` (portals, records, FakeConfig), ``protocol`` (requests, replies,
 errors), ``php`` (PHP semantics) and ``cli``. None of them imports pytest, so benchmarks and
@@ -73,6 +82,18 @@ from fake_bitrix24.protocol import (
     Reply,
     parse_params,
 )
+from fake_bitrix24.records import (
+    CALL_NOT_IN_STATISTICS,
+    FILE_CONTENT_EMPTY,
+    FILE_CONTENT_NOT_BASE64,
+    FILE_NAME_EMPTY,
+    RECORD_EXTENSIONS,
+    RECORD_PARAMETERS_MISSING,
+    UPLOAD_FIELD,
+    UPLOAD_FILE_MISSING,
+    UPLOAD_METHOD,
+    WRONG_FILE_EXTENSION,
+)
 from fake_bitrix24.server import FAKE_BUGS, Exchange, FakeBitrix24, FakeBitrix24Handler, FakeBitrix24Server
 from fake_bitrix24.state import (
     DEFAULT_PORTAL,
@@ -82,6 +103,7 @@ from fake_bitrix24.state import (
     MethodCall,
     MethodHandler,
     PortalState,
+    RecordAttachment,
     User,
     Webhook,
 )
@@ -100,22 +122,32 @@ from fake_bitrix24.telephony import (
 __all__ = [
     "ACCESS_TOKEN_TTL",
     "APP_ONLY_METHODS",
+    "CALL_NOT_IN_STATISTICS",
     "CALL_NOT_REGISTERED",
     "DEDUP_WINDOW_SECONDS",
     "DEFAULT_PORTAL",
     "DEFAULT_SCOPES",
     "FAKE_BUGS",
+    "FILE_CONTENT_EMPTY",
+    "FILE_CONTENT_NOT_BASE64",
+    "FILE_NAME_EMPTY",
     "FINISH_RESULT_KEYS",
     "JSON_CONTENT_TYPE",
     "OAUTH_DOMAIN",
     "OAUTH_SERVER_METHOD",
     "OPERATING_WINDOW_MINUTES",
+    "RECORD_EXTENSIONS",
+    "RECORD_PARAMETERS_MISSING",
     "REFRESH_TOKEN_TTL",
     "STATISTIC_PAGE_SIZE",
     "TRANSCRIPT_MESSAGE_KEYS",
     "TRANSCRIPT_SIDES",
+    "UPLOAD_FIELD",
+    "UPLOAD_FILE_MISSING",
+    "UPLOAD_METHOD",
     "USER_INACTIVE",
     "USER_NOT_SET",
+    "WRONG_FILE_EXTENSION",
     "ActiveCall",
     "ApiError",
     "App",
@@ -134,6 +166,7 @@ __all__ = [
     "OAuthMixin",
     "Page",
     "PortalState",
+    "RecordAttachment",
     "RecordedRequest",
     "Reply",
     "TokenRequest",

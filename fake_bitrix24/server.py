@@ -1,8 +1,8 @@
 """The FakeBitrix24 class, its control API, and the HTTP server that exposes it.
 
 The request pipeline (route, injections, rate limit, auth, operating limit, random faults, the
-method, the reply) is here; its steps live in limits.py, faults.py, telephony.py and (tokens,
-the OAuth server) oauth.py.
+method, the reply) is here; its steps live in limits.py, faults.py, telephony.py, records.py
+(attachRecord and its streamed upload route) and (tokens, the OAuth server) oauth.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from fake_bitrix24.apps import Installation
 from fake_bitrix24.faults import FaultDice, FaultsMixin, Injection
 from fake_bitrix24.limits import LeakyBucket, LimitsMixin, _operating_limit_error
+from fake_bitrix24.multipart import BodyError, BodyReader
 from fake_bitrix24.oauth import OAuthMixin, split_app_prefix
 from fake_bitrix24.protocol import (
     JSON_CONTENT_TYPE,
@@ -38,6 +39,7 @@ from fake_bitrix24.protocol import (
     _parse_rest_path,
     parse_params,
 )
+from fake_bitrix24.records import UPLOAD_PATH, RecordsMixin
 from fake_bitrix24.state import (
     DEFAULT_PORTAL,
     DEFAULT_SCOPES,
@@ -76,7 +78,7 @@ class Exchange:
 # --- The fake ------------------------------------------------------------------------------
 
 
-class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
+class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin, RecordsMixin):
     """State and behaviour of the fake portals, plus the HTTP server that exposes them."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -98,6 +100,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
             "telephony.externalcall.register": ("telephony", self._register),
             "telephony.externalcall.finish": ("telephony", self._finish),
             "telephony.call.attachtranscription": ("telephony", self._attach_transcription),
+            "telephony.externalcall.attachrecord": ("telephony", self._attach_record),
             "telephony.externalcall.show": ("telephony", self._show_or_hide),
             "telephony.externalcall.hide": ("telephony", self._show_or_hide),
             "voximplant.statistic.get": ("telephony", self._statistic_get),
@@ -106,6 +109,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
             "scope": (None, self._scope),
         }
         self._init_oauth()
+        self._init_records()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -279,9 +283,10 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
         return time.time() + self._clock_offset
 
     def reset(self, config: bool = False) -> None:
-        """Forget requests, calls, transcripts, injections and limiter state; keep webhooks.
+        """Forget requests, calls, transcripts, records, upload URLs, injections and limiter state.
 
-        Applications, installations and their tokens are kept; the OAuth request log is cleared.
+        Webhooks, applications, installations and their tokens are kept; the OAuth request log
+        is cleared.
         """
         with self._lock:
             for portal in self._portals.values():
@@ -289,6 +294,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
             self._injections.clear()
             self._requests.clear()
             self._token_requests.clear()
+            self._forget_upload_tickets()
             self._count_503 = 0
             self._clock_offset = 0.0
             if config:
@@ -359,6 +365,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
                 "statistics": sum(len(portal.statistics) for portal in portals),
                 "active_calls": sum(len(portal.active_calls) for portal in portals),
                 "transcripts": sum(len(portal.transcripts) for portal in portals),
+                "records": sum(len(history) for portal in portals for history in portal.records.values()),
                 "attachments_by_call": self._attachments_by_call(None),
                 "portals": {portal.name: _portal_summary(portal) for portal in portals},
                 "config": dataclasses.asdict(self.config),
@@ -483,7 +490,7 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
     # Control endpoints ----------------------------------------------------------------------
 
     def handle_control(self, request: IncomingRequest) -> Reply:
-        """``/_fake/state``, ``config``, ``reset``, ``inject``, and the application ones (oauth.py)."""
+        """``/_fake/state``, ``config``, ``reset``, ``inject``, ``records``, and the application ones (oauth.py)."""
         action = request.path.removeprefix("/_fake/").strip("/")
         try:
             body = _control_body(request)
@@ -507,6 +514,9 @@ class FakeBitrix24(TelephonyMethods, LimitsMixin, FaultsMixin, OAuthMixin):
         if action == "inject" and http_method == "POST":
             self._inject_from_control(body)
             return Reply(200, {"ok": True})
+        if action == "records" and http_method == "GET":
+            with self._lock:
+                return Reply(200, {"records": self._records_json()})
         reply = self._oauth_control(http_method, action, body)
         if reply is not None:
             return reply
@@ -528,6 +538,7 @@ def _portal_summary(portal: PortalState) -> dict[str, Any]:
         "statistics": len(portal.statistics),
         "active_calls": len(portal.active_calls),
         "transcripts": len(portal.transcripts),
+        "records": sum(len(history) for history in portal.records.values()),
         "count_503": portal.count_503,
     }
 
@@ -581,6 +592,9 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
         """Stay quiet: thousands of requests would flood the test output."""
 
     def _serve(self) -> None:
+        if urlsplit(self.path).path.startswith(UPLOAD_PATH):
+            self._serve_upload()
+            return
         request = self._read_request()
         fake = self.server.fake
         try:
@@ -594,6 +608,30 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
             reply = Reply(500, {"error": "FAKE_BUG", "error_description": repr(error)})
             self.log_error("fake_bitrix24 failed: %r", error)
         self._send(reply)
+
+    def _serve_upload(self) -> None:
+        """An upload URL: the body is handed over unread, so a 300 MB recording never sits in memory."""
+        url = urlsplit(self.path)
+        request = IncomingRequest(
+            http_method=self.command,
+            path=url.path,
+            query=url.query,
+            body=b"",
+            content_type=self.headers.get("Content-Type", ""),
+            host=self.headers.get("Host", ""),
+            authorization=self.headers.get("Authorization", ""),
+        )
+        try:
+            body = BodyReader.from_headers(self.rfile, self.headers)
+        except BodyError as error:  # no telling where this body ends: answer, then close
+            self._send(Reply(400, {"error": "INVALID_REQUEST", "error_description": str(error)}), close=True)
+            return
+        try:
+            reply = self.server.fake.handle_upload(request, body)
+        except FAKE_BUGS as error:
+            reply = Reply(500, {"error": "FAKE_BUG", "error_description": repr(error)})
+            self.log_error("fake_bitrix24 failed: %r", error)
+        self._send(reply, close=not body.exhausted)
 
     def _read_request(self) -> IncomingRequest:
         length = int(self.headers.get("Content-Length") or 0)
@@ -609,7 +647,8 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
             authorization=self.headers.get("Authorization", ""),
         )
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, close: bool = False) -> None:
+        """Write the reply; ``close``: the request's body was not read to its end."""
         if reply.delay_after > 0:
             time.sleep(reply.delay_after)
         if reply.drop:
@@ -620,6 +659,8 @@ class FakeBitrix24Handler(BaseHTTPRequestHandler):
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(body)))
+            if close:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
         except OSError:  # the client gave up (timeout) before a slow answer

@@ -1,7 +1,8 @@
 """What the fake portals hold, and the switches that change how the fake behaves.
 
-Users, webhooks, registered calls, statistics rows and transcripts per portal, plus FakeConfig;
-the server, limits, faults and telephony methods all read or change these records.
+Users, webhooks, registered calls, statistics rows, transcripts and call records (recordings)
+per portal, plus FakeConfig; the server, limits, faults and telephony methods all read or change
+these records.
 """
 
 from __future__ import annotations
@@ -63,6 +64,24 @@ class ActiveCall:
         return (self.user_id, self.phone, self.call_type)
 
 
+@dataclass(frozen=True)
+class RecordAttachment:
+    """One recording attached to a finished call by ``telephony.externalCall.attachRecord``.
+
+    ``via`` says how it came: ``"url"`` (RECORD_URL, stored, never downloaded), ``"content"``
+    (FILE_CONTENT, base64) or ``"upload"`` (a multipart POST to the upload URL). The fake keeps
+    the size and SHA-256 of the file, not its bytes.
+    """
+
+    via: str
+    filename: str | None
+    url: str | None
+    size: int | None
+    sha256: str | None
+    file_id: int
+    at: float
+
+
 def _seed_users() -> dict[int, User]:
     return {
         1: User(1, "101", active=True, name="Active User"),
@@ -80,18 +99,20 @@ class PortalState:
     statistics: dict[str, dict[str, Any]] = field(default_factory=dict)
     transcripts: dict[int, dict[str, Any]] = field(default_factory=dict)
     attachments: dict[str, list[int]] = field(default_factory=dict)
+    records: dict[str, list[RecordAttachment]] = field(default_factory=dict)  # CALL_ID → history
     bucket: LeakyBucket = field(default_factory=LeakyBucket)
     operating: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     count_503: int = 0
     next_statistic_id: int = 1
     next_transcript_id: int = 1
+    next_file_id: int = 1
     # Indexes keep register and statistic.get O(1) under load; dicts are ordered sets.
     calls_by_key: dict[tuple[int, str, int], dict[str, None]] = field(default_factory=dict)
     calls_by_external_id: dict[tuple[int, str, int, str], dict[str, None]] = field(default_factory=dict)
     statistics_by_external_id: dict[str, list[str]] = field(default_factory=dict)
 
     def clear(self) -> None:
-        """Forget calls, statistics, transcripts and limiter state; keep users."""
+        """Forget calls, statistics, transcripts, records and limiter state; keep users."""
         fresh = PortalState(self.name, users=self.users)
         self.__dict__.update(fresh.__dict__)
 

@@ -2,6 +2,7 @@
 
 telephony.externalCall.register/finish/show/hide, telephony.call.attachTranscription,
 voximplant.statistic.get, user.current/profile and scope: what they accept, store and answer.
+telephony.externalCall.attachRecord, with its upload route, lives in records.py.
 """
 
 from __future__ import annotations
