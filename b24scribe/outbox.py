@@ -305,6 +305,12 @@ def release_waiting(session: Session, call_id: int, kind: str, now: float) -> No
     releases.setdefault(kind, set()).add(call_id)
 
 
+def hurry(session: Session, call_id: int, kind: str, reason: str) -> None:
+    """Make a call's pending jobs of `kind` that were put off with `reason` due now (what they
+    waited for has happened before their time was up); gathered, like `release_waiting`."""
+    session.info.setdefault("hurry", set()).add((kind, reason, call_id))
+
+
 def revive_orphans(session: Session, call_id: int) -> None:
     """Attach jobs given up as orphans come back when their call finally finishes (gathered too)."""
     session.info.setdefault("revive_orphans", set()).add(call_id)
@@ -314,6 +320,9 @@ def run_releases(session: Session, now: float) -> int:
     """Run what `release_waiting` and `revive_orphans` gathered in this session; how many jobs
     became due. Plain statements on the session's connection: the rows they change are not the
     session's objects."""
+    # The statements below bypass the session's autoflush: a job parked or put off earlier in this
+    # same transaction must be in the database before they look for it (no lost wake-up).
+    session.flush()
     released = 0
     for kind, call_ids in sorted(session.info.pop("release_waiting", {}).items()):
         released += affected_rows(
@@ -321,6 +330,23 @@ def run_releases(session: Session, now: float) -> int:
                 update(Job)
                 .where(Job.call_id.in_(sorted(call_ids)), Job.kind == kind, Job.state == JobState.WAITING)
                 .values(state=JobState.PENDING, next_attempt_at=now, updated_at=now, last_error=None)
+            )
+        )
+    hurried: dict[tuple[str, str], list[int]] = {}
+    for kind, reason, call_id in sorted(session.info.pop("hurry", set())):
+        hurried.setdefault((kind, reason), []).append(call_id)
+    for (kind, reason), call_ids in hurried.items():
+        released += affected_rows(
+            session.connection().execute(
+                update(Job)
+                .where(
+                    Job.call_id.in_(call_ids),
+                    Job.kind == kind,
+                    Job.state == JobState.PENDING,
+                    Job.last_error == reason,
+                    Job.next_attempt_at > now,
+                )
+                .values(next_attempt_at=now, updated_at=now)
             )
         )
     if revive := sorted(session.info.pop("revive_orphans", set())):
@@ -347,7 +373,11 @@ def run_releases(session: Session, now: float) -> int:
 
 
 # The stage a call must have reached for a waiting job of each kind to go ahead.
-READY_STAGES = {JobKind.FINISH: ("registered", "finished"), JobKind.ATTACH: ("finished",)}
+READY_STAGES = {
+    JobKind.FINISH: ("registered", "finished"),
+    JobKind.ATTACH: ("finished",),
+    JobKind.RECORD: ("finished",),
+}
 
 
 def release_overdue_waiting(

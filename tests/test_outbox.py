@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from app import create_app
 from b24scribe import folding, outbox, ratelimit
 from b24scribe.db import Database
-from b24scribe.models import AttachLedger, Job, PortalPacing
+from b24scribe.models import AttachLedger, Call, Job, PortalPacing
 from b24scribe.outbox import Claim
 from b24scribe.ratelimit import Pace
 from b24scribe.settings import Settings
@@ -290,6 +290,29 @@ def test_defer_does_not_spend_an_attempt(db: Database) -> None:
 
     job = job_row(db, job_id)
     assert (job.state, job.attempts, job.next_attempt_at) == ("pending", 0, now + 3)
+
+
+def test_a_job_put_off_earlier_in_the_same_transaction_is_hurried_when_what_it_waits_for_ends(db: Database) -> None:
+    # The worker writes a batch of outcomes in one transaction: a transcript put off for the call's
+    # recording, then the recording's job done. The transcript must go now, not after the wait.
+    now = time.time()
+    with db.write() as session:
+        call = Call(portal="p", stage="finished", created_at=now, updated_at=now)
+        session.add(call)
+        session.flush()
+        call_id = call.id
+        attach_id = outbox.enqueue(session, "attach", call_id=call_id, portal="p", now=now).id
+    taken = claim(db, "w", now=now)
+    assert taken is not None and taken.job_id == attach_id
+    with db.write() as session:
+        job = outbox.leased_job(session, taken)
+        assert job is not None
+        outbox.defer(session, job, now + 1800, "waiting for the recording", now)
+        outbox.hurry(session, call_id, "attach", "waiting for the recording")
+        outbox.run_releases(session, now + 1)
+
+    job = job_row(db, attach_id)
+    assert (job.state, job.next_attempt_at) == ("pending", now + 1)
 
 
 def test_a_job_is_dead_after_the_last_scheduled_retry_and_replay_brings_it_back(db: Database) -> None:
