@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
 import requests
 import urllib3
+from requests_toolbelt import MultipartEncoder
 
 # Bitrix24 reports its own validation failures with error "" in real traffic and ERROR_CORE in
 # its docs: both mean "the portal looked at the request and said no".
@@ -129,6 +131,39 @@ class Bitrix24Client:
         except urllib3.exceptions.HTTPError as exc:  # ProtocolError: the connection went mid-request
             raise AmbiguousError(f"connection to Bitrix24 lost: {type(exc).__name__}") from None
         return self._read(answer.status, answer.data)
+
+    def upload(self, url: str, field: str, path: Path, filename: str, content_type: str) -> Response:
+        """POST a file as multipart/form-data to an upload URL the portal gave (attachRecord's
+        `uploadUrl`), streamed from disk: a recording of hundreds of MB is never held in memory.
+
+        Only to the portal's own host: the file goes nowhere an answer could point it."""
+        if urlsplit(url).netloc.lower() != urlsplit(self.base_url).netloc.lower():
+            raise PermanentError("Bitrix24 gave an upload URL on another host than the portal's; not uploading")
+        with path.open("rb") as file:
+            encoder = MultipartEncoder(fields={field: (filename, file, content_type)})
+            headers = {"Content-Type": encoder.content_type, "Content-Length": str(encoder.len)}
+            if self._pool is None:
+                assert self.session is not None
+                try:
+                    answer = self.session.post(url, data=encoder, headers=headers, timeout=self._timeout_pair)
+                except requests.Timeout:
+                    raise AmbiguousError(f"no answer from Bitrix24 within {self.timeout:g} s") from None
+                except requests.RequestException as exc:
+                    raise AmbiguousError(f"upload to Bitrix24 failed: {type(exc).__name__}") from None
+                return self._read(answer.status_code, answer.content)
+            try:
+                reply = self._pool.request("POST", url, body=encoder, headers=headers, timeout=self._timeout)
+            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.SSLError) as exc:
+                raise TransientError(f"could not connect to Bitrix24: {type(exc).__name__}") from None
+            except urllib3.exceptions.ReadTimeoutError:
+                raise AmbiguousError(f"no answer from Bitrix24 within {self.timeout:g} s") from None
+            except urllib3.exceptions.HTTPError as exc:
+                raise AmbiguousError(f"upload to Bitrix24 failed: {type(exc).__name__}") from None
+        return self._read(reply.status, reply.data)
+
+    @property
+    def _timeout_pair(self) -> tuple[float, float]:
+        return (min(self.timeout, 10.0), self.timeout)
 
     def _call_through_session(self, url: str, params: dict[str, Any]) -> Response:
         assert self.session is not None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from b24scribe.models import QUEUED_JOB_STATES, Call, Job, JobKind, JobState, TranscriptPart
+from b24scribe.models import OPEN_JOB_STATES, QUEUED_JOB_STATES, Call, Job, JobKind, JobState, TranscriptPart
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -118,6 +119,32 @@ def describe_call(session: Session, call: Call) -> dict[str, Any]:
         "status": call.status,
         "last_error": call.last_error,
         "note": call.note,
+        "recording": _recording(call, jobs),
         "transcripts": transcripts,
         "jobs": [describe_job(job, with_request=True) for job in jobs],
+    }
+
+
+def shown_url(url: str) -> str:
+    """A recording URL without what may be a credential (userinfo, a presigned query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _recording(call: Call, jobs: list[Job]) -> dict[str, Any] | None:
+    """The call's recording: attached, pending (its job is open), refused or failed, and why."""
+    if not call.recording_url:
+        return None
+    open_job = next((j for j in reversed(jobs) if j.kind == JobKind.RECORD and j.state in OPEN_JOB_STATES), None)
+    state = "pending" if open_job is not None or call.recording_state is None else call.recording_state
+    return {
+        "state": state,
+        "reason": call.recording_error if state != "attached" else None,
+        "url": shown_url(call.recording_url),
+        "channels": call.recording_channels,
+        "file": call.recording_file,
+        "sha256": call.recording_sha256,
+        "attached_at": iso(call.recording_attached_at),
     }

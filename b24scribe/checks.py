@@ -76,6 +76,13 @@ def check_settings(settings: Settings) -> list[Finding]:
         findings.append(
             warning("B24SCRIBE_BITRIX24_WEBHOOK_URL is not set: dry-run, jobs are recorded and nothing is sent")
         )
+    if settings.recording_mode == "upload" and not settings.recording_hosts:
+        findings.append(
+            warning(
+                "B24SCRIBE_RECORDING_HOSTS is not set: recordings are downloaded only from a cloud PBX's own "
+                "hosts; any other PBX's recording URL is refused (name its host, or B24SCRIBE_RECORDING_MODE=url)"
+            )
+        )
     for portal, url in settings.portal_urls().items():
         if url.startswith("http://"):
             findings.append(warning(f"portal {portal}: the webhook URL is plain http, its secret travels unencrypted"))

@@ -39,6 +39,7 @@ MERGED = (
     "started_at",
     "line",
     "recording_url",
+    "recording_channels",
     "answered",
     "finish_reported",
     "duration",
@@ -101,6 +102,7 @@ class CallState:
     started_at: str | None = None
     line: str | None = None
     recording_url: str | None = None
+    recording_channels: int | None = None
     answered: bool = False
     finish_reported: bool = False
     duration: int | None = None
@@ -132,6 +134,7 @@ class CallState:
             ("started_at", event.started_at),
             ("line", event.line),
             ("recording_url", event.recording_url),
+            ("recording_channels", event.recording_channels),
         ):
             if value not in (None, "") and not (other_leg and attribute in ("extension", "user_id")):
                 setattr(self, attribute, value)
@@ -350,13 +353,17 @@ def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bo
 
 
 def _fold_call_event(plan: _Plan, call: CallState, event_id: int, event: CallEvent, now: float) -> None:
+    known_recording = call.recording_url
     call.merge(event, now)
-    if event.event == "recording":  # the recording's URL is kept; the call itself is reported by its events
-        return
-    if call.stage == "new" and JobKind.REGISTER not in call.open_kinds:
-        _enqueue(plan, JobKind.REGISTER, call, event_id)
-    if call.finish_reported and call.stage != "finished" and JobKind.FINISH not in call.open_kinds:
-        _enqueue(plan, JobKind.FINISH, call, event_id, waiting=call.stage != "registered")
+    if event.event != "recording":  # a recording event: the call itself is reported by its own events
+        if call.stage == "new" and JobKind.REGISTER not in call.open_kinds:
+            _enqueue(plan, JobKind.REGISTER, call, event_id)
+        if call.finish_reported and call.stage != "finished" and JobKind.FINISH not in call.open_kinds:
+            _enqueue(plan, JobKind.FINISH, call, event_id, waiting=call.stage != "registered")
+    if call.recording_url != known_recording and JobKind.RECORD not in call.open_kinds:
+        # a new recording (or a new URL for it): one record job attaches the call's latest URL
+        # after finish; one already running sees the new URL when it records its outcome
+        _enqueue(plan, JobKind.RECORD, call, event_id, waiting=call.stage != "finished")
 
 
 def _fold_transcript(

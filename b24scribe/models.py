@@ -47,6 +47,7 @@ class JobKind(StrEnum):
     FINISH = "finish"  # telephony.externalCall.finish
     ATTACH = "attach"  # telephony.call.attachTranscription
     FETCH = "fetch"  # GET a finished transcript from an STT vendor's API
+    RECORD = "record"  # telephony.externalCall.attachRecord (after downloading the file, in upload mode)
     APPLY = "apply"  # fold a stored event into its call (b24scribe.folding, never claimed one by one)
 
 
@@ -147,6 +148,15 @@ class Call(Base):
     duration: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str | None] = mapped_column(String(16))
     recording_url: Mapped[str | None] = mapped_column(Text)
+    recording_channels: Mapped[int | None] = mapped_column(Integer)  # 1 or 2, when the PBX says
+    # What became of the recording (contract §9), written by its record jobs: attached | dry-run |
+    # refused | failed (None: none reported, or its first job has not run; an open record job: pending).
+    recording_state: Mapped[str | None] = mapped_column(String(16))
+    recording_error: Mapped[str | None] = mapped_column(Text)  # why it is not attached (yet)
+    recording_attached_url: Mapped[str | None] = mapped_column(Text)  # the URL it was attached from
+    recording_sha256: Mapped[str | None] = mapped_column(String(64))  # of the file uploaded (upload mode)
+    recording_file: Mapped[str | None] = mapped_column(String(200))  # FILENAME sent to Bitrix24
+    recording_attached_at: Mapped[float | None] = mapped_column(Float)
     finish_reported: Mapped[bool] = mapped_column(Boolean, default=False)
     # Bitrix24 side: new → registered → finished
     stage: Mapped[str] = mapped_column(String(16), default="new")

@@ -17,6 +17,9 @@ PREFIX = "B24SCRIBE_"
 DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0, 86400.0)
 
 
+RECORDING_MODES = ("upload", "url")
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -62,6 +65,13 @@ class Settings:
     metrics_token: str | None = None
     # raw bodies and transcripts older than this are purged once delivered or dead
     retention_days: float = 30.0
+    # recordings (contract §9): upload (download, then upload to Bitrix24) or url (pass RECORD_URL)
+    recording_mode: str = "upload"
+    # host patterns downloads may go to (names, IPs, `*.` wildcards); empty: none but a cloud PBX's own
+    recording_hosts: tuple[str, ...] = ()
+    max_recording_bytes: int = 200 * 1024 * 1024
+    # a transcript waits at most this long after finish for a known recording to be attached first
+    recording_wait_minutes: float = 30.0
     # per-vendor keys, API base URLs and other secrets: B24SCRIBE_<VENDOR>_<NAME>, read lazily
     vendor: Mapping[str, str] = field(default_factory=dict)
 
@@ -161,6 +171,15 @@ def _parse_schedule(raw: str) -> tuple[float, ...]:
     return schedule
 
 
+def _parse_hosts(raw: str) -> tuple[str, ...]:
+    from b24scribe.delivery.download import parse_hosts
+
+    try:
+        return parse_hosts(raw)
+    except ValueError as error:
+        raise SettingsError(f"{PREFIX}RECORDING_HOSTS: {error}") from None
+
+
 _TOP_LEVEL = {f.name.upper() for f in fields(Settings)} - {"VENDOR"}
 
 
@@ -203,6 +222,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         "ORPHAN_AFTER_SECONDS": (float, 1.0),
         "WORKER_POLL_SECONDS": (float, 0.01),
         "RETENTION_DAYS": (float, 1.0),
+        "MAX_RECORDING_BYTES": (int, 1024),
+        "RECORDING_WAIT_MINUTES": (float, 0.0),
     }
     for name, (kind, minimum) in numbers.items():
         if (value := text(name)) is not None:
@@ -216,6 +237,12 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         values["bitrix24_portals"] = _parse_portals(value)
     if (value := text("RETRY_SCHEDULE")) is not None:
         values["retry_schedule"] = _parse_schedule(value)
+    if (value := text("RECORDING_MODE")) is not None:
+        if value.strip().lower() not in RECORDING_MODES:
+            raise SettingsError(f"{PREFIX}RECORDING_MODE: expected upload or url, got {value!r}")
+        values["recording_mode"] = value.strip().lower()
+    if (value := text("RECORDING_HOSTS")) is not None:
+        values["recording_hosts"] = _parse_hosts(value)
     if (value := text("CRM_CREATE")) is not None:
         values["crm_create"] = _parse_bool("CRM_CREATE", value)
     if (value := text("LOG_LEVEL")) is not None:

@@ -131,6 +131,9 @@ class HookAnswer:
 
 # answer(request, body, settings) -> HookAnswer | None: asked after authentication, before parsing.
 Answerer = Callable[["HookRequest", bytes, "Settings"], HookAnswer | None]
+# The credentials a PBX's recording URL needs (`requests` auth: a (user, password) pair or an
+# AuthBase), from the URL and the settings; None: the URL is fetched without any.
+RecordingAuth = Callable[[str, "Settings"], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,10 @@ class PbxSource:
     # Its parser itself enforces contract §12's ranges (a test holds it to it), so the registry's
     # backstop is not paid twice on the hot path.
     checks_limits: bool = False
+    # Where its recordings live (its own API or storage host): downloads may go there without
+    # B24SCRIBE_RECORDING_HOSTS naming it (contract §9), with these credentials.
+    recording_hosts: tuple[str, ...] = ()
+    recording_auth: RecordingAuth | None = None
 
     @property
     def kind(self) -> Kind:

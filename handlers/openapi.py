@@ -97,8 +97,23 @@ class TranscriptStateSchema(Schema):
     delivered_at = fields.DateTime(allow_none=True)
 
 
+class RecordingStateSchema(Schema):
+    """A call's recording (contract §9) and what became of it."""
+
+    state = fields.String(
+        required=True,
+        metadata={"description": "pending | attached | dry-run | refused (never retried) | failed (retries spent)"},
+    )
+    reason = fields.String(allow_none=True, metadata={"description": "why it is not attached (yet)"})
+    url = fields.String(required=True, metadata={"description": "where it is, without userinfo or query"})
+    channels = fields.Integer(allow_none=True, metadata={"description": "1 or 2, when the PBX said"})
+    file = fields.String(allow_none=True, metadata={"description": "the FILENAME uploaded to Bitrix24"})
+    sha256 = fields.String(allow_none=True, metadata={"description": "of the file uploaded"})
+    attached_at = fields.DateTime(allow_none=True)
+
+
 class CallSchema(Schema):
-    """A call: its Bitrix24 CALL_ID and stage, transcripts and jobs."""
+    """A call: its Bitrix24 CALL_ID and stage, recording, transcripts and jobs."""
 
     id = fields.Integer(required=True)
     pbx = fields.String(allow_none=True)
@@ -118,6 +133,7 @@ class CallSchema(Schema):
     duration = fields.Integer(allow_none=True)
     status = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)
+    recording = fields.Nested(RecordingStateSchema, allow_none=True)
     transcripts = fields.List(fields.Nested(TranscriptStateSchema), required=True)
     jobs = fields.List(fields.Nested(CallJobSchema), required=True)
 

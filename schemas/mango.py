@@ -46,10 +46,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote
 
+import requests
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from b24scribe.events import CallEvent
@@ -394,6 +397,33 @@ def parse_form_json(body: bytes) -> str:
     return form_fields(body, {}).get("json", "")
 
 
+class _MangoDownloadSign(requests.auth.AuthBase):
+    """Mango serves a recording link once `/<key>/<timestamp>/<sha256(key + timestamp + id + salt)>`
+    is appended to it: made per download, as the timestamp must be fresh."""
+
+    def __init__(self, api_key: str, salt: str) -> None:
+        self.api_key, self.salt = api_key, salt
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        url = request.url or ""
+        match = _RECORDING_ID_IN_LINK.search(url)
+        if match is not None and url.endswith("/download"):
+            timestamp = str(int(time.time()))
+            recording_id = unquote(match.group(1))
+            digest = hashlib.sha256((self.api_key + timestamp + recording_id + self.salt).encode()).hexdigest()
+            request.url = f"{url}/{self.api_key}/{timestamp}/{digest}"
+        return request
+
+
+_RECORDING_ID_IN_LINK = re.compile(r"/recording/link/([^/]+)/download")
+
+
+def recording_auth(url: str, settings: Settings) -> requests.auth.AuthBase | None:
+    """The download link's signature, with B24SCRIBE_MANGO_API_KEY and B24SCRIBE_MANGO_API_SALT."""
+    key, salt = settings.vendor_setting(NAME, "API_KEY"), settings.vendor_setting(NAME, "API_SALT")
+    return _MangoDownloadSign(key, salt) if key and salt else None
+
+
 SOURCE = PbxSource(
     NAME,
     parse,
@@ -401,6 +431,8 @@ SOURCE = PbxSource(
     subpaths=True,  # Mango posts to <url>/events/call, /events/summary, /events/recording …
     signatures=(MangoSignature(),),
     answer=answer,
+    recording_hosts=("app.mango-office.ru",),
+    recording_auth=recording_auth,
     summary="Mango Office VPBX API Realtime events (form vpbx_api_key, sign, json; the call is entry_id)",
     openapi_schema=MangoFormSchema,
 )

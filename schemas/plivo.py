@@ -372,11 +372,20 @@ class PlivoCallbackSchema(Schema):
     RecordingID = fields.String()
 
 
+def recording_auth(url: str, settings: Settings) -> tuple[str, str] | None:
+    """Plivo's recording media, when the account secures it: basic auth with
+    B24SCRIBE_PLIVO_AUTH_ID and B24SCRIBE_PLIVO_AUTH_TOKEN (none unless both are set)."""
+    auth_id, token = settings.vendor_setting(NAME, "AUTH_ID"), settings.vendor_setting(NAME, "AUTH_TOKEN")
+    return (auth_id, token) if auth_id and token else None
+
+
 SOURCE = PbxSource(
     NAME,
     parse,
     encoding="form",
     signatures=(PlivoSignatureV3(),),
+    recording_hosts=("media.plivo.com",),
+    recording_auth=recording_auth,
     summary="Plivo call, Dial and recording callbacks (form; X-Plivo-Signature-V3)",
     openapi_schema=PlivoCallbackSchema,
 )

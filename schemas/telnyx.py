@@ -297,5 +297,7 @@ SOURCE = PbxSource(
     NAME,
     parse,
     signatures=(SIGNATURE,),
+    # its recording URLs are presigned S3 links, valid for about 10 minutes: fetched at once
+    recording_hosts=("s3.amazonaws.com", "*.s3.amazonaws.com", "*.telnyx.com"),
     summary="Telnyx Call Control v2 webhooks (JSON; signed: telnyx-signature-ed25519)",
 )

@@ -73,6 +73,7 @@ from b24scribe.limits import (
     text_problem,
 )
 from b24scribe.parsing import form_fields
+from b24scribe.settings import Settings
 from b24scribe.sources import PbxSource
 from b24scribe.transcript import Direction
 from schemas.twilio import SIGNATURE
@@ -295,11 +296,24 @@ def parse(body: bytes, query: Mapping[str, str]) -> CallEvent:
     return parse_callback(form_fields(body, query), query)
 
 
+_ACCOUNT_IN_URL = re.compile(r"/Accounts/(AC[0-9a-fA-F]{32})/")
+
+
+def recording_auth(url: str, settings: Settings) -> tuple[str, str] | None:
+    """Twilio's recording media asks for HTTP basic auth: the account SID (in the URL) and
+    B24SCRIBE_TWILIO_AUTH_TOKEN (the token that signs its callbacks)."""
+    account = _ACCOUNT_IN_URL.search(url)
+    token = settings.vendor_setting(NAME, "AUTH_TOKEN")
+    return (account.group(1), token) if account and token else None
+
+
 SOURCE = PbxSource(
     NAME,
     parse,
     encoding="form",
     signatures=(SIGNATURE,),
+    recording_hosts=("api.twilio.com",),
+    recording_auth=recording_auth,
     delivery_header=DELIVERY_HEADER,
     methods=("GET", "POST"),
     summary="Twilio Programmable Voice status and recording callbacks (form; X-Twilio-Signature)",

@@ -48,10 +48,13 @@ import hmac
 import json
 import re
 import time
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
+import requests
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from b24scribe.events import CallEvent
@@ -345,11 +348,37 @@ def answer(request: HookRequest, body: bytes, settings: Settings) -> HookAnswer 
     return None
 
 
+class _VonageBearer(requests.auth.AuthBase):
+    """Vonage's recording media asks for a JWT of the application, signed with its private key."""
+
+    def __init__(self, application_id: str, private_key: str) -> None:
+        self.application_id, self.private_key = application_id, private_key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        now = int(time.time())
+        claims = {"application_id": self.application_id, "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex}
+        request.headers["Authorization"] = "Bearer " + jwt.encode(claims, self.private_key, algorithm="RS256")
+        return request
+
+
+def recording_auth(url: str, settings: Settings) -> requests.auth.AuthBase | None:
+    """B24SCRIBE_VONAGE_APPLICATION_ID and B24SCRIBE_VONAGE_PRIVATE_KEY (the PEM, or the path of
+    its file): a JWT per download; none unless both are set."""
+    application_id, key = settings.vendor_setting(NAME, "APPLICATION_ID"), settings.vendor_setting(NAME, "PRIVATE_KEY")
+    if not application_id or not key:
+        return None
+    if not key.lstrip().startswith("-----BEGIN"):
+        key = Path(key).read_text()
+    return _VonageBearer(application_id, key.replace("\\n", "\n"))
+
+
 SOURCE = PbxSource(
     NAME,
     parse,
     encoding="json",
     signatures=(VonageSignature(),),
+    recording_hosts=("api.nexmo.com", "*.nexmo.com", "*.vonage.com"),
+    recording_auth=recording_auth,
     answer=answer,
     summary="Vonage Voice API event webhooks (signed JWT; the call is conversation_uuid)",
     openapi_schema=VonageEventSchema,

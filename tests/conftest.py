@@ -78,6 +78,9 @@ def make_settings(database_url: str, webhook_url: str) -> Settings:
         rate_per_second=1000.0,
         rate_burst=1000,
         log_format="json",
+        # Recordings are passed by URL: a cloud PBX's fixtures name its real hosts, and tests never
+        # talk to the outside world. tests/test_recordings.py downloads (upload mode) from local servers.
+        recording_mode="url",
     )
 
 

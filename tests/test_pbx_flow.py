@@ -77,9 +77,10 @@ def test_a_finished_call_then_its_transcript_reach_bitrix24_in_order(
     assert methods(fake_bitrix24) == [
         "telephony.externalcall.register",
         "telephony.externalcall.finish",
+        "telephony.externalcall.attachrecord",
         "telephony.call.attachtranscription",
     ]
-    register, finish, attach = fake_bitrix24.requests
+    register, finish, record, attach = fake_bitrix24.requests
     assert register.params == {
         "USER_PHONE_INNER": "101",
         "PHONE_NUMBER": "+15551234567",
@@ -96,8 +97,8 @@ def test_a_finished_call_then_its_transcript_reach_bitrix24_in_order(
         "USER_PHONE_INNER": "101",
         "DURATION": 73,
         "STATUS_CODE": "200",
-        "RECORD_URL": "https://pbx.example/rec/1700000000.123.wav",
-    }
+    }  # no RECORD_URL: the recording goes with attachRecord, after finish and before the transcript
+    assert record.params == {"CALL_ID": call_id, "RECORD_URL": "https://pbx.example/rec/1700000000.123.wav"}
     # Inbound, mono diarized: the first speaker is the callee (the employee who answered).
     assert attach.params == {
         "CALL_ID": call_id,
@@ -111,6 +112,7 @@ def test_a_finished_call_then_its_transcript_reach_bitrix24_in_order(
     assert state["registered"] and state["finished"]
     assert state["transcripts"][0]["state"] == "delivered"
     assert state["transcripts"][0]["transcript_id"] == attach.response["result"]["TRANSCRIPT_ID"]
+    assert state["recording"]["state"] == "attached"
 
 
 def test_a_transcript_first_waits_then_started_registers_then_finished_delivers(
@@ -134,6 +136,7 @@ def test_a_transcript_first_waits_then_started_registers_then_finished_delivers(
     assert methods(fake_bitrix24) == [
         "telephony.externalcall.register",
         "telephony.externalcall.finish",
+        "telephony.externalcall.attachrecord",
         "telephony.call.attachtranscription",
     ]
     assert call_state(client)["transcripts"][0]["state"] == "delivered"
@@ -148,7 +151,11 @@ def test_duplicated_and_late_events_change_nothing(
     assert post_event(client, STARTED) == 202  # arrived late
     assert post_event(client, {**FINISHED, "duration": 74}) == 202  # a second, different finish
     worker.drain()
-    assert methods(fake_bitrix24) == ["telephony.externalcall.register", "telephony.externalcall.finish"]
+    assert methods(fake_bitrix24) == [
+        "telephony.externalcall.register",
+        "telephony.externalcall.finish",
+        "telephony.externalcall.attachrecord",  # once: the same recording reported again is not sent again
+    ]
 
 
 def test_two_overlapping_calls_from_the_same_number_each_get_their_own_call_id(

@@ -51,13 +51,14 @@ class Deliverer:
         self.sources = sources
         self.recorder = Recorder(db, pace_from(settings), settings.retry_schedule)
         self.sender = PortalSender(db, settings, clients, self.recorder)
-        self.steps = Steps(db, settings, self.sender, self.recorder)
+        self.steps = Steps(db, settings, self.sender, self.recorder, sources)
         self.fetches = VendorFetches(db, settings, sources, http, self.recorder)
         self._run: dict[str, Callable[[Claim, Call | None], None]] = {
             JobKind.REGISTER: self._register,
             JobKind.FINISH: self._finish,
             JobKind.ATTACH: self._attach,
             JobKind.FETCH: self._fetch,
+            JobKind.RECORD: self._attach_record,
         }
         # the calls claims read in their own transaction (`prepare`), by job id, until the job runs
         self._prepared: dict[int, Call] = {}
@@ -154,6 +155,10 @@ class Deliverer:
     def _attach(self, claim: Claim, call: Call | None) -> None:
         assert call is not None
         self.steps.attach(claim, call)
+
+    def _attach_record(self, claim: Claim, call: Call | None) -> None:
+        assert call is not None
+        self.steps.attach_record(claim, call)
 
     def _fetch(self, claim: Claim, call: Call | None) -> None:
         self.fetches.fetch(claim)

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
 from b24scribe.db import upsert_insert
-from b24scribe.delivery.params import ATTACH, FINISH, REGISTER
+from b24scribe.delivery.params import ATTACH, ATTACH_RECORD, FINISH, REGISTER
 from b24scribe.delivery.recording import Recorder
-from b24scribe.models import AttachLedger, Call, Job, JobKind, TranscriptPart
+from b24scribe.models import OPEN_JOB_STATES, AttachLedger, Call, Job, JobKind, JobState, TranscriptPart
 from b24scribe.outbox import Claim
 
 
@@ -34,6 +34,15 @@ class Waiting:
     """The call has not reached the stage the job needs: park it until it does."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForRecording:
+    """The call's recording is on its way: the transcript goes after it, at `until` at the latest
+    (no attempt spent; `hurry` makes it due as soon as the recording's job ends)."""
+
+    call_id: int
+    until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +105,48 @@ class Attached:
     note: str | None = None
 
 
-Outcome = Skipped | Waiting | GivenUp | Registered | DefaultUser | Finished | RegisterAgain | Attached
+@dataclass(frozen=True, slots=True)
+class RecordAttached:
+    """The call's recording is on its card (or, in dry-run, would have been; or was already)."""
+
+    call_id: int
+    url: str
+    state: str  # attached | dry-run
+    params: dict[str, Any]  # what was sent, FILE_CONTENT left out
+    sha256: str | None = None
+    filename: str | None = None
+    note: str | None = None  # e.g. "the same file is attached already"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordNotAttached:
+    """The recording could not be attached: `retry` on the schedule (not ready yet, a transient
+    failure), or never (refused: a host outside the allow-list, too large, not wav or mp3). Either
+    way the call is finished and keeps its transcript; the reason shows on the call."""
+
+    call_id: int
+    url: str
+    reason: str
+    retry: bool
+
+
+Outcome = (
+    Skipped
+    | Waiting
+    | WaitForRecording
+    | GivenUp
+    | Registered
+    | DefaultUser
+    | Finished
+    | RegisterAgain
+    | Attached
+    | RecordAttached
+    | RecordNotAttached
+)
+
+# The reason a transcript's attach job is put off while the call's recording is on its way
+# (`outbox.hurry` makes it due as soon as the recording's job ends).
+WAITING_FOR_RECORDING = "waiting for the call's recording to be attached first"
 
 
 def record(recorder: Recorder, claim: Claim, outcome: Outcome) -> None:
@@ -106,6 +156,8 @@ def record(recorder: Recorder, claim: Claim, outcome: Outcome) -> None:
             recorder.record(claim, lambda s, j: outbox.complete(s, j, {"skipped": reason}, time.time()))
         case Waiting(reason):
             recorder.record(claim, lambda s, j: outbox.wait_for_call(s, j, reason, time.time()))
+        case WaitForRecording():
+            recorder.record(claim, lambda s, j: _wait_for_recording(s, j, outcome))
         case GivenUp(reason):
             recorder.record(claim, lambda s, j: outbox.kill(s, j, reason, time.time()))
         case Registered():
@@ -118,6 +170,12 @@ def record(recorder: Recorder, claim: Claim, outcome: Outcome) -> None:
             recorder.record(claim, lambda s, j: _register_again(s, j, outcome))
         case Attached():
             recorder.record(claim, lambda s, j: _attached(s, j, outcome), on_lost=lambda s: _keep_the_fact(s, outcome))
+        case RecordAttached():
+            recorder.record(
+                claim, lambda s, j: _record_attached(s, j, outcome), on_lost=lambda s: _keep_the_recording(s, outcome)
+            )
+        case RecordNotAttached():
+            recorder.record(claim, lambda s, j: _record_not_attached(s, j, outcome, recorder.retry_schedule))
 
 
 def _registered(session: Session, job: Job, outcome: Registered) -> None:
@@ -146,6 +204,7 @@ def _finished(session: Session, job: Job, outcome: Finished) -> None:
     summary: dict[str, object] = {"ID": result.get("ID")} if isinstance(result, dict) else {"dry_run": result is None}
     outbox.complete(session, job, summary, now)
     outbox.release_waiting(session, outcome.call_id, JobKind.ATTACH, now)
+    outbox.release_waiting(session, outcome.call_id, JobKind.RECORD, now)
     outbox.revive_orphans(session, outcome.call_id)
 
 
@@ -199,3 +258,68 @@ def _insert_ledger(session: Session, outcome: Attached) -> None:
     session.execute(
         insert(AttachLedger).values(**values).on_conflict_do_nothing(index_elements=["portal", "b24_call_id", "sha256"])
     )
+
+
+def recording_on_its_way(session: Session, call_id: int) -> bool:
+    """The call has a record job not yet over."""
+    query = select(Job.id).where(Job.call_id == call_id, Job.kind == JobKind.RECORD, Job.state.in_(OPEN_JOB_STATES))
+    return session.scalar(query.limit(1)) is not None
+
+
+def _wait_for_recording(session: Session, job: Job, outcome: WaitForRecording) -> None:
+    # Asked again in the outcome's transaction (which holds the call: its row lock on PostgreSQL,
+    # the one writer on SQLite): a record job that ended since the step looked has hurried nobody
+    # yet, so this one goes at once instead of waiting out the whole time.
+    now = time.time()
+    until = outcome.until if recording_on_its_way(session, outcome.call_id) else now
+    outbox.defer(session, job, until, WAITING_FOR_RECORDING, now)
+
+
+def _keep_the_recording(session: Session, outcome: RecordAttached) -> None:
+    # the lease is lost but the file landed: keep the fact, or a re-run would attach it again
+    if outcome.state == "attached":
+        _recording_on_call(session, outcome)
+
+
+def _recording_on_call(session: Session, outcome: RecordAttached) -> Call:
+    """Write on the call what was attached (kept even when the lease was lost: it landed)."""
+    row = session.get_one(Call, outcome.call_id)
+    row.recording_state, row.recording_error = outcome.state, None
+    row.recording_attached_url, row.recording_attached_at = outcome.url, time.time()
+    if outcome.sha256 is not None:
+        row.recording_sha256 = outcome.sha256
+    if outcome.filename is not None:
+        row.recording_file = outcome.filename
+    return row
+
+
+def _record_attached(session: Session, job: Job, outcome: RecordAttached) -> None:
+    now = time.time()
+    row = _recording_on_call(session, outcome)
+    job.request = {"method": ATTACH_RECORD, "params": outcome.params}
+    result: dict[str, Any] = {"state": outcome.state}
+    if outcome.note:
+        result["note"] = outcome.note
+    outbox.complete(session, job, result, now)
+    _recording_settled(session, row, outcome.url, now)
+
+
+def _record_not_attached(session: Session, job: Job, outcome: RecordNotAttached, schedule: Any) -> None:
+    now = time.time()
+    row = session.get_one(Call, outcome.call_id)
+    row.recording_error = outcome.reason
+    if outcome.retry:
+        outbox.retry_later(session, job, outcome.reason, now, schedule=schedule)
+    else:
+        outbox.kill(session, job, outcome.reason, now)
+    if job.state == JobState.DEAD:
+        row.recording_state = "failed" if outcome.retry else "refused"
+        _recording_settled(session, row, outcome.url, now)
+
+
+def _recording_settled(session: Session, row: Call, url: str, now: float) -> None:
+    """The recording's job is over: a transcript put off for it goes now; a URL reported while the
+    job ran (a newer recording) gets a job of its own (folding adds none while one is open)."""
+    outbox.hurry(session, row.id, JobKind.ATTACH, WAITING_FOR_RECORDING)
+    if row.recording_url and row.recording_url != url:
+        outbox.enqueue(session, JobKind.RECORD, call_id=row.id, portal=row.portal, now=now)

@@ -33,6 +33,7 @@ PHONE_CHARACTERS = set("0123456789#*+,;")
 REGISTER = "telephony.externalCall.register"
 FINISH = "telephony.externalCall.finish"
 ATTACH = "telephony.call.attachTranscription"
+ATTACH_RECORD = "telephony.externalCall.attachRecord"
 STATISTICS = "voximplant.statistic.get"
 
 
@@ -95,8 +96,7 @@ def finish_params(call: Call, settings: Settings) -> dict[str, Any]:
     }
     if status in ("failed", "unavailable", "congestion"):
         params["FAILED_REASON"] = status
-    if call.recording_url:
-        params["RECORD_URL"] = call.recording_url
+    # No RECORD_URL: the recording goes with attachRecord after finish, in either mode (contract §9)
     return params
 
 

@@ -12,6 +12,7 @@ is made, when they come: the steps never see a credential.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -80,6 +81,26 @@ class PortalSender:
         """Send to the job's portal, or in dry-run return None (the caller records the request)."""
         if self.dry_run:
             return None
+        client = self._ready_to_send(claim)
+        started = time.monotonic()
+        try:
+            with metrics.bitrix24_request(method):
+                return client.call(method, params)
+        finally:
+            self._note_stall(claim, started)
+
+    def upload(self, claim: Claim, url: str, field: str, path: Path, filename: str, content_type: str) -> Response:
+        """POST a file to an upload URL the job's portal gave, paced and fenced like `send`."""
+        client = self._ready_to_send(claim)
+        started = time.monotonic()
+        try:
+            with metrics.bitrix24_request("upload"):
+                return client.upload(url, field, path, filename, content_type)
+        finally:
+            self._note_stall(claim, started)
+
+    def _ready_to_send(self, claim: Claim) -> Bitrix24Client:
+        """The job's portal's client, once a pacing token is ours and the lease still holds."""
         client = self.clients.get(claim.portal or "")
         if client is None:
             raise PermanentError(f"portal {claim.portal!r} is not configured (B24SCRIBE_BITRIX24_PORTALS)")
@@ -90,13 +111,11 @@ class PortalSender:
         if not self._lease_holds(claim):
             raise LeaseLost()
         batch.sent += 1
-        started = time.monotonic()
-        try:
-            with metrics.bitrix24_request(method):
-                return client.call(method, params)
-        finally:
-            if claim.portal is not None and time.monotonic() - started > self.pace.stall_seconds:
-                batch.stalled[claim.portal] = 1
+        return client
+
+    def _note_stall(self, claim: Claim, started: float) -> None:
+        if claim.portal is not None and time.monotonic() - started > self.pace.stall_seconds:
+            self.recorder.batch.stalled[claim.portal] = 1
 
     def _lease_holds(self, claim: Claim) -> bool:
         """Fencing, fails closed: send only while our lease has a margin left, so a worker that

@@ -1,4 +1,4 @@
-"""The Bitrix24 steps of a call: register → finish → attachTranscription.
+"""The Bitrix24 steps of a call: register → finish → attachRecord → attachTranscription.
 
 Each step reads what it needs, asks whether it is already done, sends at most one request (plus the
 look-up before a resend) through the portal sender, and records a typed outcome: a small frozen
@@ -8,28 +8,42 @@ has them and what each writes). The vendor fetch step lives in `b24scribe.delive
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from b24scribe.bitrix24 import Bitrix24Error, PermanentError, is_finish_call_not_found, is_unknown_user
+from b24scribe.bitrix24 import (
+    Bitrix24Error,
+    OperationLimitError,
+    PermanentError,
+    ThrottledError,
+    is_finish_call_not_found,
+    is_unknown_user,
+)
 from b24scribe.db import Database
 from b24scribe.delivery import outcomes
+from b24scribe.delivery.download import Downloaded, DownloadFailed, NotReady, Refused, download
 from b24scribe.delivery.outcomes import (
     Attached,
     DefaultUser,
     Finished,
     GivenUp,
     Outcome,
+    RecordAttached,
+    RecordNotAttached,
     RegisterAgain,
     Registered,
     Skipped,
+    WaitForRecording,
     Waiting,
+    recording_on_its_way,
 )
 from b24scribe.delivery.params import (
     ATTACH,
+    ATTACH_RECORD,
     FINISH,
     REGISTER,
     STATISTICS,
@@ -44,16 +58,25 @@ from b24scribe.delivery.sender import PortalSender
 from b24scribe.models import AttachLedger, Call, TranscriptPart
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
+from b24scribe.sources import Sources
+
+# A recording up to this size goes inline (FILENAME + FILE_CONTENT, base64 in the JSON body); a
+# larger one through the portal's upload URL, streamed from disk (contract §9).
+INLINE_RECORDING_BYTES = 4 * 1024 * 1024
+NOT_FINISHED_IN_STATISTICS = "Looks like it is not finished yet"
 
 
 class Steps:
     """register, finish and attach for claimed jobs; `record` writes what each step found."""
 
-    def __init__(self, db: Database, settings: Settings, sender: PortalSender, recorder: Recorder) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, sender: PortalSender, recorder: Recorder, sources: Sources
+    ) -> None:
         self.db = db
         self.settings = settings
         self.sender = sender
         self.recorder = recorder
+        self.sources = sources
 
     # -- register ---------------------------------------------------------------------------
 
@@ -127,6 +150,12 @@ class Steps:
         if call.stage != "finished":
             self.record(claim, Waiting("waiting for the call to finish"))
             return
+        if call.recording_url and self._recording_on_its_way(call):
+            # the recording goes first (contract §7), for B24SCRIBE_RECORDING_WAIT_MINUTES at most
+            until = (call.finished_at or time.time()) + self.settings.recording_wait_minutes * 60
+            if time.time() < until:
+                self.record(claim, WaitForRecording(call.id, until))
+                return
         with self.db.read() as session:
             parts = list(session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id)))
             session.expunge_all()
@@ -192,6 +221,107 @@ class Steps:
         transcript_id = None if response is None else int(response.result["TRANSCRIPT_ID"])
         self.record(claim, attached_as(transcript_id, possible_duplicate=possible_duplicate, dry_run=response is None))
 
+    def _recording_on_its_way(self, call: Call) -> bool:
+        with self.db.read() as session:
+            return recording_on_its_way(session, call.id)
+
+    # -- attachRecord -----------------------------------------------------------------------
+
+    def attach_record(self, claim: Claim, call: Call) -> None:
+        """Attach the call's latest recording: by URL (`url` mode), or downloaded from the allowed
+        hosts and uploaded (`upload` mode). Never the same file twice; a new file replaces the old."""
+        if call.stage != "finished":
+            self.record(claim, Waiting("waiting for the call to finish"))
+            return
+        url = call.recording_url
+        if not url:
+            self.record(claim, Skipped("no recording reported"))
+            return
+        if self.sender.dry_run:
+            self.record(
+                claim, RecordAttached(call.id, url, "dry-run", {"CALL_ID": call.b24_call_id, "RECORD_URL": url})
+            )
+            return
+        if self.settings.recording_mode == "url":
+            params = {"CALL_ID": call.b24_call_id, "RECORD_URL": url}
+            if call.recording_state == "attached" and call.recording_attached_url == url:
+                self.record(claim, RecordAttached(call.id, url, "attached", params, note="attached already"))
+                return
+            if self._send_record(claim, call, url, params):
+                self.record(claim, RecordAttached(call.id, url, "attached", params))
+            return
+        source = self.sources.pbx.get(call.pbx or "")
+        hosts = (*self.settings.recording_hosts, *(source.recording_hosts if source else ()))
+        auth = source.recording_auth(url, self.settings) if source and source.recording_auth else None
+        try:
+            with download(
+                url,
+                hosts=hosts,
+                max_bytes=self.settings.max_recording_bytes,
+                timeout=self.settings.vendor_timeout_seconds,
+                call_ref=_file_stem(call),
+                auth=auth,
+            ) as file:
+                self._upload(claim, call, url, file)
+        except NotReady as error:
+            self.record(claim, RecordNotAttached(call.id, url, f"the recording is not ready yet: {error}", retry=True))
+        except DownloadFailed as error:
+            self.record(claim, RecordNotAttached(call.id, url, f"the recording could not be downloaded: {error}", True))
+        except Refused as error:
+            self.record(claim, RecordNotAttached(call.id, url, f"the recording was refused: {error}", retry=False))
+
+    def _upload(self, claim: Claim, call: Call, url: str, file: Downloaded) -> None:
+        if call.recording_state == "attached" and call.recording_sha256 == file.sha256:
+            note = "the same file is attached already"
+            params = {"CALL_ID": call.b24_call_id, "FILENAME": file.filename}
+            self.record(claim, RecordAttached(call.id, url, "attached", params, file.sha256, file.filename, note))
+            return
+        # Bitrix24 compares the extension case-sensitively ("REC.WAV" is a "wrong file extension")
+        stem, dot, extension = file.filename.rpartition(".")
+        filename = f"{stem}{dot}{extension.lower()}"
+        base: dict[str, Any] = {"CALL_ID": call.b24_call_id, "FILENAME": filename}
+        if file.size <= INLINE_RECORDING_BYTES:
+            content = base64.b64encode(file.path.read_bytes()).decode("ascii")
+            if not self._send_record(claim, call, url, {**base, "FILE_CONTENT": content}):
+                return
+            sent = {**base, "FILE_CONTENT": f"<{file.size} bytes, base64>"}
+        else:
+            answer = self._send_record(claim, call, url, base)
+            if not answer:
+                return
+            result = answer.result if answer is not True else None
+            upload_url = result.get("uploadUrl") if isinstance(result, dict) else None
+            if not isinstance(upload_url, str) or not isinstance(result, dict):
+                reason = "attachRecord gave no uploadUrl for a file sent without FILE_CONTENT"
+                self.record(claim, RecordNotAttached(call.id, url, reason, retry=True))
+                return
+            field = result.get("fieldName") if isinstance(result.get("fieldName"), str) else "file"
+            content_type = "audio/mpeg" if filename.endswith(".mp3") else "audio/wav"
+            try:
+                self.sender.upload(claim, upload_url, str(field), file.path, filename, content_type)
+            except Bitrix24Error as error:
+                self._record_failed(claim, call, url, error, " (uploading the file)")
+                return
+            sent = {**base, "upload": f"{file.size} bytes to the portal's upload URL"}
+        self.record(claim, RecordAttached(call.id, url, "attached", sent, file.sha256, filename))
+
+    def _send_record(self, claim: Claim, call: Call, url: str, params: dict[str, Any]) -> Any:
+        """Send attachRecord: its response (True in dry-run), or False once the failure is recorded."""
+        try:
+            response = self.sender.send(claim, ATTACH_RECORD, params)
+        except Bitrix24Error as error:
+            self._record_failed(claim, call, url, error)
+            return False
+        return True if response is None else response
+
+    def _record_failed(self, claim: Claim, call: Call, url: str, error: Bitrix24Error, note: str = "") -> None:
+        if isinstance(error, ThrottledError | OperationLimitError):
+            self.sender.fail(claim, error)  # the portal's pause, no attempt spent
+            return
+        retry = error.retryable or NOT_FINISHED_IN_STATISTICS in error.description
+        reason = f"attachRecord: {error.code + ': ' if error.code else ''}{error.description}{note}"
+        self.record(claim, RecordNotAttached(call.id, url, reason, retry))
+
     def record(self, claim: Claim, outcome: Outcome) -> None:
         """Queue what the outcome changes, for the batch's next flush."""
         outcomes.record(self.recorder, claim, outcome)
@@ -204,3 +334,8 @@ def _attached_ids(session: Session, call: Call) -> dict[str, int | None]:
         )
     ).all()
     return {sha: transcript_id for sha, transcript_id in rows}
+
+
+def _file_stem(call: Call) -> str:
+    """The file name's stem when the URL names none: the PBX's call id (Bitrix24's id otherwise)."""
+    return str(call.pbx_call_id or call.b24_call_id or call.id)

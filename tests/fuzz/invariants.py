@@ -41,7 +41,12 @@ from schemas.registry import PBX_SOURCES as PBX_PARSERS
 from tests.conftest import auth
 
 # Dead jobs whose reason is the outside world's answer, not ours: the job ran to a recorded end.
-VENDOR_OUTCOMES = re.compile(r"^(B24SCRIBE_\w+_API_KEY is not set|\w+ API answered HTTP 4\d\d)")
+# Dead jobs that are an outcome, not a failure to process: a vendor's own answer, or a recording
+# on a host the allow-list does not name (refused by design, contract §9; the call goes on).
+VENDOR_OUTCOMES = re.compile(
+    r"^(B24SCRIBE_\w+_API_KEY is not set|\w+ API answered HTTP 4\d\d"
+    r"|the recording was refused: .* is not in B24SCRIBE_RECORDING_HOSTS)"
+)
 DRAIN_ROUNDS = 5
 DUE_SOON_SECONDS = 2.0  # under the first retry's 10 s: a job retrying on its schedule is not waited for
 FINISHABLE_PBXS = tuple(PBX_PARSERS)  # the PBX hooks that can send the call.finished a transcript waits for
