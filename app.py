@@ -13,6 +13,7 @@ from flask import Flask
 from b24scribe.db import Database
 from b24scribe.logging import configure_logging
 from b24scribe.metrics import Metrics
+from b24scribe.portals import Directory
 from b24scribe.settings import Settings, SettingsError, load_settings
 from b24scribe.sources import Sources
 
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None, sources: Sources | None = None)
     app.extensions["b24scribe.settings"] = settings
     app.extensions["b24scribe.db"] = Database(settings.database_url)
     app.extensions["b24scribe.metrics"] = Metrics()
+    app.extensions["b24scribe.portals"] = Directory(app.extensions["b24scribe.db"], settings)
     if sources is None:
         from schemas.registry import SOURCES as sources
     app.extensions["b24scribe.sources"] = sources
@@ -84,6 +86,7 @@ def register_middleware(app: Flask) -> None:
         extensions["b24scribe.db"],
         extensions["b24scribe.metrics"],
         extensions["b24scribe.sources"],
+        extensions["b24scribe.portals"],
     )
     app.wsgi_app = RequestId(DispatcherMiddleware(app.wsgi_app, {"/hooks": hooks}))  # type: ignore[method-assign]
 
@@ -91,13 +94,14 @@ def register_middleware(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     """Admin API, health and metrics, and the status page; the OpenAPI document covers them and the
     hooks (served beside Flask, see `register_middleware`), which it draws from the registry."""
-    from handlers import admin, health, status_page
+    from handlers import admin, b24app, health, status_page
     from handlers.openapi import document_hooks, init_api
 
     api = init_api(app)
     document_hooks(api, app.extensions["b24scribe.sources"])
     api.register_blueprint(admin.bp)
     api.register_blueprint(health.bp)
+    api.register_blueprint(b24app.bp)
     app.register_blueprint(status_page.bp)
 
 

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from b24scribe.models import OPEN_JOB_STATES, QUEUED_JOB_STATES, Call, Job, JobKind, JobState, TranscriptPart
+from b24scribe.models import OPEN_JOB_STATES, QUEUED_JOB_STATES, Call, Job, JobKind, JobState, Portal, TranscriptPart
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -30,7 +30,9 @@ def find_by_pbx(session: Session, pbx: str, pbx_call_id: str, portal: str | None
     portal, the one call with this id, or AmbiguousCall when several portals have one."""
     query = select(Call).where(Call.pbx == pbx, Call.pbx_call_id == pbx_call_id)
     if portal is not None:
-        query = query.where(Call.portal == portal)
+        # a portal's name (domain), or an installed portal's member_id
+        by_member = select(Portal.name).where(Portal.member_id == portal).scalar_subquery()
+        query = query.where(or_(Call.portal == portal, Call.portal == by_member))
     found = list(session.scalars(query.order_by(Call.id).limit(10)))
     if len(found) > 1:
         raise AmbiguousCall(sorted(call.portal for call in found))

@@ -17,11 +17,35 @@ from b24scribe.bitrix24 import Bitrix24Client, Bitrix24Error, PermanentError
 from b24scribe.db import Database
 from b24scribe.logging import redact
 from b24scribe.migrate import alembic_config
+from b24scribe.models import PortalState
+from b24scribe.portals import WRONG_AUTH_TYPE_HINT, Directory
 from b24scribe.settings import Settings
 from b24scribe.sources import Sources
 
 MIN_TOKEN_LENGTH = 16
 REQUIRED_SCOPE = "telephony"
+# What a person does about an installed portal that cannot be called (here, the status page, the admin API).
+REINSTALL_FIX = (
+    "install the local application again from the portal, as its administrator; its waiting jobs then go by themselves"
+)
+UNINSTALLED_FIX = (
+    "install the local application again from the portal to resume its waiting jobs, "
+    "or forget the portal with `flask --app app portals remove {name} --yes`"
+)
+
+
+def portal_fix(name: str, state: str) -> str | None:
+    """How to bring a portal in this state back (None: nothing to do)."""
+    if state == PortalState.NEEDS_REINSTALL:
+        return REINSTALL_FIX
+    if state == PortalState.UNINSTALLED:
+        return UNINSTALLED_FIX.format(name=name)
+    return None
+
+
+def install_url(settings: Settings) -> str:
+    """Where Bitrix24 sends a portal's installation (the local application's installation callback)."""
+    return f"{settings.public_url or 'https://<B24SCRIBE_PUBLIC_URL>'}/b24/install"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +153,8 @@ def check_portal(portal: str, webhook_url: str, timeout: float, session: request
         scopes = client.call("scope", {}).result
         user = client.call("user.current", {}).result
     except PermanentError as error:
+        if error.code == "WRONG_AUTH_TYPE":
+            return problem(f"portal {portal}: {WRONG_AUTH_TYPE_HINT}")
         return problem(
             f"portal {portal}: Bitrix24 refused the webhook ({_describe(error)}): "
             "check the webhook URL, and that the webhook and its user still exist"
@@ -148,6 +174,37 @@ def check_portal(portal: str, webhook_url: str, timeout: float, session: request
 def check_bitrix24(settings: Settings) -> list[Finding]:
     """Every configured portal (none in dry-run)."""
     return [check_portal(portal, url, settings.bitrix24_timeout) for portal, url in settings.portal_urls().items()]
+
+
+def check_installed_portals(settings: Settings, db: Database) -> list[Finding]:
+    """The portals that installed the local application: each one's state, and what to do about one
+    that cannot be called. Nothing is sent to them (their tokens are for delivering calls)."""
+    if not settings.app_mode:
+        return []
+    try:
+        portals = Directory(db, settings).snapshot().portals
+    except Exception as exc:  # the database check names the cause; the URL may hold a password
+        return [problem(f"the installed portals could not be read from the database ({type(exc).__name__})")]
+    installed = [info for info in portals.values() if info.kind == "application"]
+    if not installed:
+        return [
+            warning(
+                "the local application is configured and no portal has installed it yet: install it in Bitrix24 "
+                f"with the installation callback {install_url(settings)}"
+                + ("" if settings.public_url else " (set B24SCRIBE_PUBLIC_URL to the URL Bitrix24 reaches)")
+            )
+        ]
+    findings = []
+    for info in installed:
+        fix = portal_fix(info.name, info.state)
+        if fix is None:
+            findings.append(ok(f"portal {info.name}: the local application is installed (member_id {info.member_id})"))
+        elif info.state == PortalState.NEEDS_REINSTALL:
+            why = f" ({info.state_reason})" if info.state_reason else ""
+            findings.append(problem(f"portal {info.name} needs re-install{why}: {fix}"))
+        else:
+            findings.append(problem(f"portal {info.name} uninstalled the local application: {fix}"))
+    return findings
 
 
 def check_sources(settings: Settings, sources: Sources) -> list[Finding]:
@@ -171,6 +228,7 @@ def run_checks(settings: Settings, db: Database, sources: Sources) -> list[Findi
         *check_sources(settings, sources),
         *check_database(db),
         *check_bitrix24(settings),
+        *check_installed_portals(settings, db),
     ]
 
 

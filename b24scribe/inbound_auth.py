@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -88,10 +88,12 @@ class HookRequest:
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
-    """How the request proved itself, and the delivery id a signature scheme vouches for, if any."""
+    """How the request proved itself, the delivery id a signature scheme vouches for, if any, and
+    the portal whose own inbound token it carried (None: the global token or a signature)."""
 
     scheme: str
     delivery_id: str | None = None
+    portal: str | None = None
 
 
 def _same(given: str, expected: str) -> bool:
@@ -113,6 +115,7 @@ def authenticate_before_body(
     *,
     vendor_header: str | None = None,
     signatures: tuple[SignatureScheme, ...] = (),
+    portal_for_token: Callable[[str], str | None] | None = None,
 ) -> Authenticated | SignatureScheme:
     """Check the credential the headers or the query carry, before any body byte is read.
 
@@ -120,6 +123,9 @@ def authenticate_before_body(
     the scheme's secret is set for `source`): read the body, at most the route's limit, and call
     `authenticate_signed_body` with it. Everything else is settled here: authenticated, or
     AuthFailure (401, or 503 when the route has no credential configured at all).
+
+    `portal_for_token` names the portal whose own inbound token a credential is (contract §8): it
+    opens that portal's hooks only (`Authenticated.portal`). The global token opens every portal's.
     """
     configured = [scheme for scheme in signatures if scheme.configured(settings, source)]
     for scheme in configured:
@@ -127,28 +133,43 @@ def authenticate_before_body(
             scheme.before_body(request, settings, source)  # e.g. a stale timestamp: refused unread
             return scheme
     token = settings.inbound_token
-    if token is None and not configured:
+    if token is None and not configured and portal_for_token is None:
         raise AuthFailure(503, "hooks_disabled", "inbound hooks are disabled: set B24SCRIBE_INBOUND_TOKEN")
     authorization = request.header("authorization") or ""
+    offered = _offered(request, authorization, vendor_header)
     if token is not None:
-        scheme_name, _, value = authorization.partition(" ")
-        if scheme_name.lower() == "bearer" and value and _same(value.strip(), token):
-            return Authenticated("bearer")
-        if scheme_name.lower() == "basic" and value:
-            password = _basic_password(value.strip())
-            if password is not None and _same(password, token):
-                return Authenticated("basic")
-        if vendor_header and (given := request.header(vendor_header)):
-            given = given.strip().removeprefix("Bearer ").strip()
-            if _same(given, token):
-                return Authenticated("vendor-header")
-        if (given := request.query.get("token")) and _same(given, token):
-            return Authenticated("query-token")
+        for scheme_name, value in offered:
+            if _same(value, token):
+                return Authenticated(scheme_name)
+    if portal_for_token is not None:
+        for scheme_name, value in offered:
+            if (portal := portal_for_token(value)) is not None:
+                return Authenticated(scheme_name, portal=portal)
     if authorization or request.query.get("token"):
         raise AuthFailure(401, "bad_credentials", "the credential does not match B24SCRIBE_INBOUND_TOKEN")
     raise AuthFailure(
         401, "unauthenticated", "authenticate with Authorization: Bearer <token>, ?token=<token> or a signature"
     )
+
+
+def _offered(request: HookRequest, authorization: str, vendor_header: str | None) -> list[tuple[str, str]]:
+    """The credentials the request offers, by how: a bearer token, a Basic password, the
+    vendor's token header, `?token=`."""
+    offered: list[tuple[str, str]] = []
+    scheme_name, _, value = authorization.partition(" ")
+    if scheme_name.lower() == "bearer" and value.strip():
+        offered.append(("bearer", value.strip()))
+    if scheme_name.lower() == "basic" and value:
+        password = _basic_password(value.strip())
+        if password:
+            offered.append(("basic", password))
+    if vendor_header and (given := request.header(vendor_header)):
+        given = given.strip().removeprefix("Bearer ").strip()
+        if given:
+            offered.append(("vendor-header", given))
+    if given := request.query.get("token"):
+        offered.append(("query-token", given))
+    return offered
 
 
 def authenticate_signed_body(

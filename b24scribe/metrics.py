@@ -8,7 +8,7 @@ URL (`default_multiprocess_dir`), so the web processes and the worker of one dep
 the same place without configuration.
 
 The queue gauges (open and dead jobs by state, oldest due job, worker heartbeat, stored rejections,
-transcripts not delivered) are NOT process state: they are read from the database when `/metrics`
+transcripts not delivered, each portal's state) are NOT process state: they are read from the database when `/metrics`
 is scraped and rendered from a registry built for that one scrape (`database_metrics`). The
 database is the one thing every process shares, so this is the truth at scrape time. The
 alternatives are wrong here: a custom collector registered in the default registry is not merged
@@ -29,7 +29,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,22 @@ from b24scribe.bitrix24 import (
     ThrottledError,
     TransientError,
 )
-from b24scribe.models import GAUGED_JOB_STATES, InboundEvent, Job, JobState, TranscriptPart, WorkerHeartbeat
+from b24scribe.models import (
+    GAUGED_JOB_STATES,
+    InboundEvent,
+    Job,
+    JobState,
+    PortalState,
+    TranscriptPart,
+    WorkerHeartbeat,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Gauged states: the open ones and the given-up ones (each an index range that stays small).
 JOB_STATES = GAUGED_JOB_STATES
 TRANSCRIPT_STATES = ("queued", "failed")
 HEARTBEAT_FRESH_SECONDS = 30.0
+WEBHOOK_PORTAL_STATE = "configured"  # a webhook portal of the settings: it has no other state
 
 EVENTS_RECEIVED = Counter(
     "b24scribe_events_received_total",
@@ -195,8 +204,27 @@ class _Families(Collector):
         yield from self.families
 
 
-def database_metrics(session: Session, now: float | None = None) -> list[Metric]:
-    """The queue as the database has it now: one family per gauge.
+def portal_state_family(portals: Mapping[str, str]) -> Metric:
+    """`b24scribe_portal_state{portal,state}`: an installed portal has a series per PortalState, 1 for
+    the one it is in; a webhook portal one series, `configured`. Bounded: one row per portal."""
+    family = GaugeMetricFamily(
+        "b24scribe_portal_state",
+        "Each portal's state (1: the one it is in): installed, needs_reinstall (its jobs wait: install the "
+        "local application again), uninstalled; webhook portals: configured",
+        labels=["portal", "state"],
+    )
+    for portal, current in portals.items():
+        states = [WEBHOOK_PORTAL_STATE] if current == WEBHOOK_PORTAL_STATE else [state.value for state in PortalState]
+        for state in states:
+            family.add_metric([portal, state], 1.0 if state == current else 0.0)
+    return family
+
+
+def database_metrics(
+    session: Session, now: float | None = None, portals: Mapping[str, str] | None = None
+) -> list[Metric]:
+    """The queue as the database has it now: one family per gauge; with `portals` (each portal's
+    state by name, as `b24scribe.portals.Directory` read it for this scrape), their states too.
 
     Five Core statements (not ORM: their per-statement overhead was most of a scrape), each an index
     range over what is open or failed: ix_job_due, ix_inbound_event_state, ix_transcript_delivery_state.
@@ -259,11 +287,15 @@ def database_metrics(session: Session, now: float | None = None) -> list[Metric]
     )
     for state in TRANSCRIPT_STATES:
         transcripts.add_metric([state], transcript_counts.get(state, 0))
-    return [jobs, due_age, heartbeat, live_workers, rejected, transcripts]
+    families: list[Metric] = [jobs, due_age, heartbeat, live_workers, rejected, transcripts]
+    if portals is not None:
+        families.append(portal_state_family(portals))
+    return families
 
 
-def render(session: Session | None) -> bytes:
-    """The /metrics body: every process's counters (merged when multiprocess) plus the database gauges."""
+def render(session: Session | None, portals: Mapping[str, str] | None = None) -> bytes:
+    """The /metrics body: every process's counters (merged when multiprocess) plus the database gauges
+    (and the portals' states, given as `database_metrics` takes them)."""
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -272,7 +304,7 @@ def render(session: Session | None) -> bytes:
         output = generate_latest(REGISTRY)
     if session is not None:
         snapshot = CollectorRegistry(auto_describe=False)
-        snapshot.register(_Families(database_metrics(session)))
+        snapshot.register(_Families(database_metrics(session, portals=portals)))
         output += generate_latest(snapshot)
     return output
 

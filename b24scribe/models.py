@@ -261,6 +261,40 @@ class PortalPacing(Base):
     pause_reason: Mapped[str | None] = mapped_column(String(200))
 
 
+class PortalState(StrEnum):
+    """Where an installed portal (Bitrix24 local application, contract §8) stands."""
+
+    INSTALLED = "installed"  # tokens held: its jobs go
+    NEEDS_REINSTALL = "needs_reinstall"  # the refresh token was refused (invalid_grant): its jobs wait
+    UNINSTALLED = "uninstalled"  # ONAPPUNINSTALL: tokens removed, its jobs wait
+
+
+class Portal(Base):
+    """A portal that installed the local application: its OAuth tokens, where its REST answers
+    (`client_endpoint`), the `application_token` its events must carry and its own inbound token.
+
+    Its `name` (the portal's domain) is what calls, jobs and pacing know it by; `member_id` is
+    Bitrix24's id for it, the key an install is matched on. Webhook portals are settings, not rows."""
+
+    __tablename__ = "portal"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    client_endpoint: Mapped[str | None] = mapped_column(Text)
+    access_token: Mapped[str | None] = mapped_column(Text)
+    refresh_token: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    application_token: Mapped[str | None] = mapped_column(String(64))
+    inbound_token: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(20))
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    installed_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    refreshed_at: Mapped[float | None] = mapped_column(Float)
+    refreshes: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class WorkerHeartbeat(Base):
     """Each running worker process, for /readyz and for taking back a dead worker's jobs: a thread of
     its own beats every B24SCRIBE_WORKER_DEAD_AFTER_SECONDS / 5, whatever its requests wait for."""

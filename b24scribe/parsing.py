@@ -159,6 +159,11 @@ def resolve_portal(settings: Settings, query: Mapping[str, str]) -> str:
     if name is None or name == settings.portal:
         return settings.portal
     known = settings.portal_urls()
+    if settings.app_mode and name not in known:
+        # an installed portal's name, as the hook stored it after resolving it (contract §8)
+        if (problem := id_problem(name, MAX_PORTAL_LENGTH)) is not None:
+            raise ValidationError({"portal": [problem]})
+        return name
     if not known:
         if (problem := id_problem(name, MAX_PORTAL_LENGTH)) is not None:
             raise ValidationError({"portal": [problem]})

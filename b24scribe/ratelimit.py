@@ -20,7 +20,7 @@ from sqlalchemy import Select, func, or_, select, union
 from sqlalchemy.orm import Session
 
 from b24scribe.db import upsert_insert
-from b24scribe.models import Job, PortalPacing
+from b24scribe.models import Job, Portal, PortalPacing, PortalState
 
 THROTTLE_PAUSE_SECONDS = 5.0
 
@@ -62,7 +62,9 @@ def blocked_portals(now: float, pace: Pace) -> Select[tuple[str]]:
         .group_by(Job.portal)
         .having(func.count() >= pace.concurrency)
     )
-    return select(union(paced, full).subquery().c[0])
+    # installed portals that cannot be called (needs re-install, uninstalled): their jobs wait
+    unavailable = select(Portal.name).where(Portal.state != PortalState.INSTALLED)
+    return select(union(paced, full, unavailable).subquery().c[0])
 
 
 @dataclass(slots=True)

@@ -32,6 +32,12 @@ class Settings:
     bitrix24_webhook_url: str | None = None
     # more portals by name, chosen per hook URL with ?portal=<name> (B24SCRIBE_BITRIX24_PORTALS)
     bitrix24_portals: Mapping[str, str] = field(default_factory=dict)
+    # a webhook portal's own inbound token (`name:token=url` in B24SCRIBE_BITRIX24_PORTALS): opens that portal only
+    portal_tokens: Mapping[str, str] = field(default_factory=dict)
+    # the Bitrix24 local application (contract §8): installed portals call REST with OAuth tokens
+    bitrix24_client_id: str | None = None
+    bitrix24_client_secret: str | None = None
+    bitrix24_oauth_url: str = "https://oauth.bitrix.info"
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     bitrix24_timeout: float = 20.0
     # seconds to wait for an STT vendor's API when fetching a finished transcript (not a Bitrix24 request)
@@ -77,8 +83,14 @@ class Settings:
 
     @property
     def dry_run(self) -> bool:
-        """True when no Bitrix24 portal is configured: jobs are recorded, nothing is sent."""
-        return self.bitrix24_webhook_url is None and not self.bitrix24_portals
+        """True when no Bitrix24 portal is configured and no local application either (no portal
+        can be installed): jobs are recorded, nothing is sent."""
+        return self.bitrix24_webhook_url is None and not self.bitrix24_portals and not self.app_mode
+
+    @property
+    def app_mode(self) -> bool:
+        """The local application is configured: portals may install it (POST /b24/install)."""
+        return self.bitrix24_client_id is not None and self.bitrix24_client_secret is not None
 
     @property
     def portal(self) -> str:
@@ -144,20 +156,32 @@ def _parse_webhook_url(name: str, raw: str) -> str:
     return raw.strip().rstrip("/") + "/"
 
 
-def _parse_portals(raw: str) -> dict[str, str]:
+def _parse_portals(raw: str) -> tuple[dict[str, str], dict[str, str]]:
+    """`name=webhook-url` or `name:inbound-token=webhook-url` items: the URLs and the tokens by name."""
     portals: dict[str, str] = {}
+    tokens: dict[str, str] = {}
     for item in raw.replace(",", " ").split():
-        name, sep, url = item.partition("=")
-        if not sep or not name:
-            raise SettingsError(f"{PREFIX}BITRIX24_PORTALS: expected name=webhook-url pairs separated by spaces")
+        key, sep, url = item.partition("=")
+        name, has_token, token = key.partition(":")
+        if not sep or not name or (has_token and not token):
+            raise SettingsError(
+                f"{PREFIX}BITRIX24_PORTALS: expected name=webhook-url or name:token=webhook-url items, "
+                "separated by spaces"
+            )
         portals[name] = _parse_webhook_url("BITRIX24_PORTALS", url)
-    return portals
+        if token:
+            if len(token) < 16:
+                raise SettingsError(f"{PREFIX}BITRIX24_PORTALS: portal {name!r}'s token must be at least 16 characters")
+            if token in tokens.values():
+                raise SettingsError(f"{PREFIX}BITRIX24_PORTALS: two portals have the same token")
+            tokens[name] = token
+    return portals, tokens
 
 
-def _parse_public_url(raw: str) -> str:
+def _parse_public_url(raw: str, name: str = "PUBLIC_URL") -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query or parts.fragment:
-        raise SettingsError(f"{PREFIX}PUBLIC_URL: expected a base URL like https://b24scribe.example.com, got {raw!r}")
+        raise SettingsError(f"{PREFIX}{name}: expected a base URL like https://b24scribe.example.com, got {raw!r}")
     return raw.strip().rstrip("/")
 
 
@@ -234,7 +258,14 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
     if (value := text("PUBLIC_URL")) is not None:
         values["public_url"] = _parse_public_url(value)
     if (value := text("BITRIX24_PORTALS")) is not None:
-        values["bitrix24_portals"] = _parse_portals(value)
+        values["bitrix24_portals"], values["portal_tokens"] = _parse_portals(value)
+    if (value := text("BITRIX24_OAUTH_URL")) is not None:
+        values["bitrix24_oauth_url"] = _parse_public_url(value, "BITRIX24_OAUTH_URL").rstrip("/")
+    for name in ("BITRIX24_CLIENT_ID", "BITRIX24_CLIENT_SECRET"):
+        if (value := text(name)) is not None:
+            values[name.lower()] = value.strip()
+    if ("bitrix24_client_id" in values) != ("bitrix24_client_secret" in values):
+        raise SettingsError(f"{PREFIX}BITRIX24_CLIENT_ID and {PREFIX}BITRIX24_CLIENT_SECRET go together: set both")
     if (value := text("RETRY_SCHEDULE")) is not None:
         values["retry_schedule"] = _parse_schedule(value)
     if (value := text("RECORDING_MODE")) is not None:

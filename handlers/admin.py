@@ -1,4 +1,4 @@
-"""The admin API under `/v1`: calls, stored events, the outbox, replay. Bearer B24SCRIBE_ADMIN_TOKEN.
+"""The admin API under `/v1`: calls, portals, stored events, the outbox, replay. Bearer B24SCRIBE_ADMIN_TOKEN.
 
 Everything stored is answered through `displayable`: a stored lone surrogate, NUL or control
 character comes out as U+FFFD, so any JSON parser reads every answer (contract §12).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,13 +20,24 @@ from sqlalchemy.orm import Session
 
 from b24scribe import outbox
 from b24scribe.calls import AmbiguousCall, describe_call, describe_job, find_by_b24, find_by_pbx, iso
+from b24scribe.checks import portal_fix
 from b24scribe.db import Database
+from b24scribe.delivery import pace_from
 from b24scribe.limits import MAX_B24_CALL_ID_LENGTH, MAX_PBX_LENGTH, id_problem
-from b24scribe.models import JOB_STATES, Call, InboundEvent, Job, TranscriptPart
+from b24scribe.models import JOB_STATES, Call, InboundEvent, Job, JobState, Portal, PortalPacing, TranscriptPart
+from b24scribe.portals import Directory, Snapshot
 from b24scribe.replay import field_summary
 from b24scribe.settings import Settings
 from handlers.errors import ApiError
-from handlers.openapi import ADMIN_SECURITY, CallSchema, ErrorSchema, EventSchema, JobListSchema, JobSchema
+from handlers.openapi import (
+    ADMIN_SECURITY,
+    CallSchema,
+    ErrorSchema,
+    EventSchema,
+    JobListSchema,
+    JobSchema,
+    PortalListSchema,
+)
 
 bp = Blueprint(
     "admin",
@@ -37,6 +49,8 @@ bp = Blueprint(
 # is a 404 like any other id no row has, not an overflow in the database driver.
 MAX_ROW_ID = 2**63 - 1
 MAX_JOBS_LISTED = 1000
+# the jobs a portal's entry counts: those still to go (waiting, pending) and those given up (dead)
+PORTAL_JOB_STATES = (JobState.WAITING, JobState.PENDING, JobState.DEAD)
 _UNDISPLAYABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
@@ -284,3 +298,67 @@ def event(event_id: int) -> Response:
     if shown is None:
         raise ApiError(404, "unknown_event", f"no event {event_id}")
     return jsonify(displayable(shown))
+
+
+def portals_snapshot() -> Snapshot:
+    """Every portal as the database has it now (not the hooks' cached view: these pages are read rarely)."""
+    settings: Settings = current_app.extensions["b24scribe.settings"]
+    return Directory(_db(), settings).snapshot()
+
+
+def describe_portals(session: Session, snapshot: Snapshot, settings: Settings, now: float) -> list[dict[str, Any]]:
+    """Each portal of `snapshot`, webhook and installed: its state and what to do about it, its own
+    inbound token, its pacing and its jobs still to go or given up. Never an OAuth token, the
+    application_token or a webhook URL (the caller shows this to admins only: it holds inbound tokens)."""
+    names = list(snapshot.portals)
+    if not names:
+        return []
+    rows = {row.name: row for row in session.scalars(select(Portal).where(Portal.name.in_(names)))}
+    pacing = {row.portal: row for row in session.scalars(select(PortalPacing).where(PortalPacing.portal.in_(names)))}
+    jobs: dict[str, dict[str, int]] = {name: dict.fromkeys(PORTAL_JOB_STATES, 0) for name in names}
+    for portal, state, count in session.execute(
+        select(Job.portal, Job.state, func.count())
+        .where(Job.state.in_(PORTAL_JOB_STATES), Job.portal.in_(names))
+        .group_by(Job.portal, Job.state)
+    ):
+        jobs[str(portal)][state] = count  # never None: the query names the portals
+    pace = pace_from(settings)
+    described = []
+    for name, info in snapshot.portals.items():
+        row = rows.get(name) if info.kind == "application" else None  # a webhook portal of that name wins
+        bucket = pacing.get(name)
+        paused = bucket is not None and bucket.paused_until > now
+        described.append(
+            {
+                "name": name,
+                "kind": info.kind,
+                "member_id": info.member_id,
+                "state": str(info.state),
+                "state_reason": info.state_reason,
+                "fix": portal_fix(name, info.state),
+                "inbound_token": info.inbound_token,
+                "installed_at": iso(row.installed_at) if row is not None else None,
+                "refreshed_at": iso(row.refreshed_at) if row is not None else None,
+                "refreshes": row.refreshes if row is not None else None,
+                "pacing": None
+                if bucket is None
+                else {
+                    "tokens": round(pace.tokens_at(bucket.tokens, bucket.refilled_at, now), 1),
+                    "paused_until": iso(bucket.paused_until) if paused else None,
+                    "pause_reason": bucket.pause_reason if paused else None,
+                },
+                "jobs": {str(state): count for state, count in jobs[name].items()},
+            }
+        )
+    return described
+
+
+@bp.get("/portals")
+@documented(200, PortalListSchema)
+def list_portals() -> Response:
+    """Every portal, webhook and installed: state, its own inbound token, pacing and jobs waiting or dead."""
+    settings: Settings = current_app.extensions["b24scribe.settings"]
+    snapshot = portals_snapshot()
+    with _db().read() as session:
+        portals = describe_portals(session, snapshot, settings, time.time())
+    return jsonify(displayable({"portals": portals}))

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import defer
 
 from b24scribe import metrics, migrate, outbox, retention
 from b24scribe.calls import AmbiguousCall, describe_call, describe_job, find_by_b24, find_by_pbx, iso
-from b24scribe.checks import has_problems, run_checks
+from b24scribe.checks import has_problems, install_url, run_checks
 from b24scribe.db import Database
-from b24scribe.models import InboundEvent, Job
+from b24scribe.models import OPEN_JOB_STATES, InboundEvent, Job, Portal
 from b24scribe.replay import field_summary, rejected_event_ids, replay_event
 from b24scribe.settings import Settings
 from b24scribe.sources import Sources
 from b24scribe.worker import Worker
-from handlers.admin import displayable
+from handlers.admin import describe_portals, displayable, portals_snapshot
 
 
 def _settings() -> Settings:
@@ -125,6 +126,93 @@ def calls_show(reference: str, pbx: str | None, portal: str | None) -> None:
         click.echo(json.dumps(displayable(describe_call(session, call)), indent=2, ensure_ascii=False))
 
 
+portals_group = AppGroup("portals", help="Bitrix24 portals: webhook ones (settings) and installed ones.")
+
+
+@portals_group.command("list")
+def portals_list() -> None:
+    """One line per portal: name, kind, state, member_id, jobs waiting, pending and dead, and why."""
+    snapshot = portals_snapshot()
+    with _db().read() as session:
+        portals = describe_portals(session, snapshot, _settings(), time.time())
+    if not portals:
+        click.echo(
+            "no portals: set B24SCRIBE_BITRIX24_WEBHOOK_URL, or configure the local application "
+            f"(B24SCRIBE_BITRIX24_CLIENT_ID) and install it from the portal ({install_url(_settings())})"
+        )
+    for portal in portals:
+        jobs = portal["jobs"]
+        why = f"\t{portal['state_reason']}" if portal["state_reason"] else ""
+        click.echo(
+            displayable(
+                f"{portal['name']}\t{portal['kind']}\t{portal['state']}\tmember_id={portal['member_id'] or ''}\t"
+                f"waiting={jobs['waiting']}\tpending={jobs['pending']}\tdead={jobs['dead']}{why}"
+            )
+        )
+        if portal["fix"]:
+            click.echo(displayable(f"  to fix: {portal['fix']}"))
+
+
+@portals_group.command("show")
+@click.argument("reference", metavar="NAME_OR_MEMBER_ID")
+def portals_show(reference: str) -> None:
+    """A portal as JSON, its own inbound token included: state, why, what to do, pacing and jobs."""
+    snapshot = portals_snapshot()
+    name = snapshot.resolve(reference)
+    if name is None:
+        raise click.ClickException(
+            displayable(f"no portal {reference!r}; known: {', '.join(snapshot.portals) or 'none'}")
+        )
+    with _db().read() as session:
+        shown = next(p for p in describe_portals(session, snapshot, _settings(), time.time()) if p["name"] == name)
+    click.echo(json.dumps(displayable(shown), indent=2, ensure_ascii=False))
+
+
+@portals_group.command("remove")
+@click.argument("reference", metavar="NAME_OR_MEMBER_ID")
+@click.option("--yes", is_flag=True, help="really forget the portal: its tokens and its own inbound token")
+def portals_remove(reference: str, yes: bool) -> None:
+    """Forget an installed portal: its OAuth tokens and its own inbound token. Its jobs are kept.
+    Webhook portals are settings: remove them from B24SCRIBE_BITRIX24_WEBHOOK_URL or _PORTALS."""
+    settings = _settings()
+    if reference in settings.portal_urls() or reference.lower() in settings.portal_urls():
+        raise click.ClickException(
+            displayable(
+                f"portal {reference} is a webhook portal, not an installed one: it comes from the settings "
+                "(B24SCRIBE_BITRIX24_WEBHOOK_URL or B24SCRIBE_BITRIX24_PORTALS); remove it there"
+            )
+        )
+    with _db().write() as session:
+        row = session.scalars(
+            select(Portal).where(or_(Portal.member_id == reference, Portal.name == reference.lower()))
+        ).first()
+        if row is None:
+            known = ", ".join(session.scalars(select(Portal.name).order_by(Portal.name))) or "none"
+            raise click.ClickException(displayable(f"no installed portal {reference!r}; installed: {known}"))
+        name = row.name
+        open_jobs = (
+            session.scalar(
+                select(func.count()).select_from(Job).where(Job.portal == name, Job.state.in_(OPEN_JOB_STATES))
+            )
+            or 0
+        )
+        # What the sender does today with a job whose portal is neither configured nor installed: gives it up.
+        kept = (
+            f"its {open_jobs} open job(s) are kept; one that comes up before the portal installs the application "
+            "again is given up (dead: retry it after the install with `flask --app app jobs retry --all-dead`)"
+        )
+        if not yes:
+            raise click.ClickException(
+                displayable(
+                    f"this forgets portal {name} (state {row.state}), its tokens and its own inbound token; "
+                    f"{kept}. Run again with --yes"
+                )
+            )
+        session.delete(row)
+    current_app.extensions["b24scribe.portals"].invalidate()
+    click.echo(displayable(f"removed portal {name}; {kept}"))
+
+
 @click.command("check")
 @with_appcontext
 def check_command() -> None:
@@ -212,4 +300,5 @@ def register(app: Flask) -> None:
     app.cli.add_command(db_group)
     app.cli.add_command(jobs_group)
     app.cli.add_command(calls_group)
+    app.cli.add_command(portals_group)
     app.cli.add_command(purge_command)

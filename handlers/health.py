@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from b24scribe import metrics
 from b24scribe.db import Database
 from b24scribe.models import Job, WorkerHeartbeat
+from b24scribe.portals import Directory
 from b24scribe.settings import Settings
 from b24scribe.sources import Sources
 from handlers.errors import ApiError
@@ -63,6 +64,17 @@ def _metrics_access() -> bool | None:
     if not given.strip():
         return None
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+def _portal_states() -> dict[str, str] | None:
+    """Each portal's state by name, read now; None when the database cannot say (fails open: the
+    database check, or the missing gauges, already tell; readiness never depends on portals)."""
+    try:
+        snapshot = Directory(_db(), _settings()).snapshot()
+    except Exception as exc:
+        log.warning("portal states unavailable", error=type(exc).__name__)
+        return None
+    return {name: str(info.state) for name, info in snapshot.portals.items()}
 
 
 def _refuse_wrong_token() -> None:
@@ -141,7 +153,10 @@ def readyz() -> tuple[Response, int]:
     status = "ok" if ready else "unavailable"
     if access is None:
         return jsonify({"status": status}), 200 if ready else 503
-    return jsonify({"status": status, "checks": checks}), 200 if ready else 503
+    body: dict[str, object] = {"status": status, "checks": checks}
+    if (portals := _portal_states()) is not None:
+        body["portals"] = portals  # shown, not judged: a portal needing re-install holds only its own jobs
+    return jsonify(body), 200 if ready else 503
 
 
 _declared: set[tuple[str, str]] = set()
@@ -176,9 +191,10 @@ def metrics_view() -> Response:
     if not _metrics_access():
         _refuse_wrong_token()
     _declare_sources()
+    portals = _portal_states()
     try:
         with _db().read() as session:
-            body = metrics.render(session)
+            body = metrics.render(session, portals)
     except Exception as exc:  # fails open: the process counters are still worth scraping
         log.warning("metrics: database gauges unavailable", error=type(exc).__name__)
         body = metrics.render(None)

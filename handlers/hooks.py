@@ -23,7 +23,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,8 @@ from b24scribe.events import (
 )
 from b24scribe.inbound_auth import Authenticated, AuthFailure, HookRequest, authenticate_before_body
 from b24scribe.metrics import Metrics
-from b24scribe.parsing import MAX_FORM_FIELDS, parse_call_event, parse_transcript, resolve_portal
+from b24scribe.parsing import MAX_FORM_FIELDS, parse_call_event, parse_transcript
+from b24scribe.portals import Directory, resolve_hook_portal
 from b24scribe.settings import Settings
 from b24scribe.sources import Kind, PbxSource, Source, Sources
 from handlers.errors import BODY_ERRORS, ApiError, answer_error, bounded_fields, unreadable_body_message
@@ -111,6 +112,7 @@ class _Hook:
     metrics: Metrics
     sources: Sources
     described: Source  # the source this route serves
+    portals: Directory
 
     @property
     def source(self) -> Kind:
@@ -135,6 +137,7 @@ class _Hook:
             services.metrics,
             services.sources,
             described,
+            services.portals,
         )
 
     def body(self, limit: int) -> bytes:
@@ -197,6 +200,7 @@ class _Hook:
                 described.name,
                 vendor_header=described.auth_header,
                 signatures=described.signatures,
+                portal_for_token=self._portal_for_token(),
             )
             body = self.body(limit)
             auth = (
@@ -213,6 +217,23 @@ class _Hook:
             if delivery_id:
                 auth = Authenticated(auth.scheme, delivery_id)
         return auth, body
+
+    def _portal_for_token(self) -> Callable[[str], str | None] | None:
+        """Looks up portals' own inbound tokens, when any portal has one (contract §8)."""
+        snapshot = self.portals.snapshot()
+        return snapshot.by_token if snapshot.has_tokens else None
+
+    def check_portal(self, auth: Authenticated) -> None:
+        """A portal's own token opens that portal's hooks only: 403 for another `?portal=`."""
+        named = self.args.get("portal")
+        if auth.portal is not None and named is not None and self.portals.snapshot().resolve(named) != auth.portal:
+            raise ApiError(403, "wrong_portal", f"this token opens the hooks of portal {auth.portal} only")
+
+    def portal(self, auth: Authenticated) -> str:
+        """The portal this hook delivers to (ValidationError naming `portal` when it is unknown)."""
+        if auth.portal is not None:
+            return auth.portal
+        return resolve_hook_portal(self.settings, self.portals, self.args.get("portal"))
 
     def raw_event(self, body: bytes, auth: Authenticated) -> RawEvent:
         """What is stored: the request minus its credentials (`?token=` is dropped from the query)."""
@@ -384,13 +405,19 @@ def receive(hook: _Hook) -> Stored:
     auth, body = hook.authenticate(limit)
     if described.answer is not None and (own := described.answer(hook.hook_request(), body, hook.settings)):
         return Stored(own.status, own.body, own.content_type)  # not an event: nothing is stored
+    hook.check_portal(auth)  # another portal's token: refused, nothing stored
     raw = hook.raw_event(body, auth)
     args = hook.args
     if isinstance(described, PbxSource) and described.form and (count := body.count(b"&") + 1) > MAX_FIELDS:
         fields = {"_body": [f"the form has {count} fields; at most {MAX_FIELDS} are read"]}
         raise hook.reject(raw, fields, rejection_message(raw.source))
     try:
-        resolve_portal(hook.settings, args)  # an unknown ?portal= is a 422 now, not a dead job later
+        # an unknown ?portal= is a 422 now, not a dead job later; the event keeps the portal's name
+        # unless it is the settings' own portal (which a replay then follows, as before)
+        if (portal := hook.portal(auth)) != hook.settings.portal:
+            raw.query["portal"] = portal
+        else:
+            raw.query.pop("portal", None)
         if pbx:
             event = parse_call_event(hook.sources, described.name, body, args)
             key = call_event_key(raw, event.call_id)
@@ -420,6 +447,7 @@ class _Services:
     db: Database
     metrics: Metrics
     sources: Sources
+    portals: Directory
 
 
 class HookApp:
@@ -431,8 +459,10 @@ class HookApp:
     was acknowledged, so the sender retries.
     """
 
-    def __init__(self, settings: Settings, db: Database, metrics: Metrics, sources: Sources) -> None:
-        self.services = _Services(settings, db, metrics, sources)
+    def __init__(
+        self, settings: Settings, db: Database, metrics: Metrics, sources: Sources, portals: Directory | None = None
+    ) -> None:
+        self.services = _Services(settings, db, metrics, sources, portals or Directory(db, settings))
         self._max_body_bytes = settings.max_body_bytes
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

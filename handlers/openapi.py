@@ -181,6 +181,56 @@ class EventSchema(Schema):
     jobs = fields.List(fields.Nested(JobSchema), required=True)
 
 
+class PortalPacingSchema(Schema):
+    """A portal's request pacing (B24SCRIBE_RATE_PER_SECOND, B24SCRIBE_RATE_BURST), shared by every worker."""
+
+    tokens = fields.Float(required=True, metadata={"description": "requests it may send at once now"})
+    paused_until = fields.DateTime(
+        allow_none=True, metadata={"description": "Bitrix24 made the service pause it until then; null: not paused"}
+    )
+    pause_reason = fields.String(allow_none=True, metadata={"description": "why it is paused"})
+
+
+class PortalJobsSchema(Schema):
+    """How many of a portal's jobs are still to go, or given up."""
+
+    waiting = fields.Integer(required=True)
+    pending = fields.Integer(required=True)
+    dead = fields.Integer(required=True)
+
+
+class PortalSchema(Schema):
+    """A Bitrix24 portal: a webhook portal of the settings, or one that installed the local application."""
+
+    name = fields.String(required=True, metadata={"description": "its domain; what ?portal= and calls name it by"})
+    kind = fields.String(required=True, metadata={"description": "webhook | application"})
+    member_id = fields.String(allow_none=True, metadata={"description": "Bitrix24's id of an installed portal"})
+    state = fields.String(
+        required=True,
+        metadata={
+            "description": "configured (a webhook portal) | installed | needs_reinstall (the refresh token was "
+            "refused: its jobs wait) | uninstalled (its jobs wait)"
+        },
+    )
+    state_reason = fields.String(allow_none=True, metadata={"description": "why it needs re-install or was removed"})
+    fix = fields.String(allow_none=True, metadata={"description": "what to do about its state; null: nothing"})
+    inbound_token = fields.String(
+        allow_none=True,
+        metadata={"description": "its own inbound token: opens this portal's hooks only and selects it; null: none"},
+    )
+    installed_at = fields.DateTime(allow_none=True, metadata={"description": "installed portals only"})
+    refreshed_at = fields.DateTime(allow_none=True, metadata={"description": "its OAuth token's last refresh"})
+    refreshes = fields.Integer(allow_none=True, metadata={"description": "OAuth token refreshes since installed"})
+    pacing = fields.Nested(PortalPacingSchema, allow_none=True, metadata={"description": "null: nothing sent yet"})
+    jobs = fields.Nested(PortalJobsSchema, required=True)
+
+
+class PortalListSchema(Schema):
+    """`GET /v1/portals`."""
+
+    portals = fields.List(fields.Nested(PortalSchema), required=True)
+
+
 class CheckSchema(Schema):
     """One readiness check."""
 
@@ -195,6 +245,14 @@ class ReadinessSchema(Schema):
 
     status = fields.String(required=True, metadata={"description": "ok | unavailable"})
     checks = fields.Dict(keys=fields.String(), values=fields.Nested(CheckSchema), required=True)
+    portals = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={
+            "description": "each portal's state by name: configured (webhook) | installed | needs_reinstall | "
+            "uninstalled; informative, readiness does not depend on it. Absent when the database cannot be read"
+        },
+    )
 
 
 class LivenessSchema(Schema):

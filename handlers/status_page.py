@@ -35,7 +35,7 @@ from b24scribe.models import Call, InboundEvent, Job, JobState, TranscriptPart
 from b24scribe.replay import field_summary, replay_event
 from b24scribe.settings import Settings
 from b24scribe.sources import Sources
-from handlers.admin import MAX_ROW_ID, displayable, is_admin_token
+from handlers.admin import MAX_ROW_ID, describe_portals, displayable, is_admin_token, portals_snapshot
 
 bp = Blueprint("status", __name__, url_prefix="/status", template_folder="templates")
 COOKIE = "b24scribe_admin"
@@ -275,6 +275,11 @@ def _hook_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _install_url() -> str:
+    """The local application's installation callback, as a portal's administrator enters it."""
+    return f"{_settings().public_url or request.host_url.rstrip('/')}/b24/install"
+
+
 def _call_row(call: Call) -> dict[str, Any]:
     return {
         "id": call.id,
@@ -294,8 +299,11 @@ def _call_row(call: Call) -> dict[str, Any]:
 
 @bp.get("/")
 def overview() -> Response:
-    """Recent calls, transcripts waiting or failed, dead jobs and rejected events."""
+    """Portals needing attention, dead jobs, transcripts waiting or failed, rejected events, recent
+    calls, then the portals and hooks as configured."""
+    snapshot = portals_snapshot()
     with _db().read() as session:
+        portals = describe_portals(session, snapshot, _settings(), time.time())
         # one index range per state (the done history is not counted: it only grows)
         counts = {
             state: session.scalar(select(func.count()).select_from(Job).where(Job.state == state)) or 0
@@ -363,6 +371,9 @@ def overview() -> Response:
         dead_jobs=dead_jobs,
         rejected=rejected,
         hooks=_hook_rows(),
+        portals=portals,
+        attention=[portal for portal in portals if portal["fix"]],
+        install_url=_install_url() if _settings().app_mode else None,
     )
 
 

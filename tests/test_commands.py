@@ -233,7 +233,7 @@ def test_a_rejected_event_passes_after_the_configuration_is_fixed(
     event_id = rejected_pbx_event(client)
     listed = invoker(create_app(settings))("events", "list", "--rejected")
     assert f"{event_id}\tpbx/generic\trejected\t" in listed.output
-    assert "portal: must be one of" in listed.output
+    assert "portal: must be a portal's name, domain or member_id; known:" in listed.output
 
     acme = fake_bitrix24.add_webhook(code="acmewebhook", portal="acme")
     fixed = create_app(settings.with_overrides(bitrix24_portals={"acme": acme}))

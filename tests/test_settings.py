@@ -254,3 +254,47 @@ def test_migration_0004_adds_dead_reason_marks_the_dead_orphans_and_is_reversibl
         upgrade(database_url)
     finally:
         database.dispose()
+
+
+def test_a_webhook_portal_may_carry_its_own_inbound_token_and_the_local_application_needs_both_keys() -> None:
+    settings = load_settings(
+        {
+            "B24SCRIBE_BITRIX24_PORTALS": "beta:beta-portal-token-0123=https://beta.bitrix24.com/rest/7/xyz/ "
+            "gamma=https://gamma.bitrix24.com/rest/1/abc/",
+            "B24SCRIBE_BITRIX24_CLIENT_ID": "local.5f0a1b2c3d4e5f.12345678",
+            "B24SCRIBE_BITRIX24_CLIENT_SECRET": "secret",
+            "B24SCRIBE_BITRIX24_OAUTH_URL": "http://127.0.0.1:9999/",
+        },
+        dotenv=False,
+    )
+    assert settings.bitrix24_portals == {
+        "beta": "https://beta.bitrix24.com/rest/7/xyz/",
+        "gamma": "https://gamma.bitrix24.com/rest/1/abc/",
+    }
+    assert settings.portal_tokens == {"beta": "beta-portal-token-0123"}
+    assert settings.app_mode and not settings.dry_run
+    assert settings.bitrix24_oauth_url == "http://127.0.0.1:9999"
+    assert load_settings({}, dotenv=False).bitrix24_oauth_url == "https://oauth.bitrix.info"
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"B24SCRIBE_BITRIX24_PORTALS": "beta:short=https://beta.bitrix24.com/rest/7/xyz/"}, "16 characters"),
+        ({"B24SCRIBE_BITRIX24_PORTALS": "beta:=https://beta.bitrix24.com/rest/7/xyz/"}, "name:token=webhook-url"),
+        (
+            {
+                "B24SCRIBE_BITRIX24_PORTALS": "a:same-token-0123456789=https://a.bitrix24.com/rest/1/x/ "
+                "b:same-token-0123456789=https://b.bitrix24.com/rest/1/y/"
+            },
+            "the same token",
+        ),
+        ({"B24SCRIBE_BITRIX24_CLIENT_ID": "local.1"}, "B24SCRIBE_BITRIX24_CLIENT_SECRET"),
+        ({"B24SCRIBE_BITRIX24_CLIENT_SECRET": "s"}, "B24SCRIBE_BITRIX24_CLIENT_ID"),
+        ({"B24SCRIBE_BITRIX24_OAUTH_URL": "oauth.bitrix.info"}, "B24SCRIBE_BITRIX24_OAUTH_URL"),
+    ],
+)
+def test_a_wrong_portal_or_application_setting_stops_the_start_naming_it(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(environ, dotenv=False)
+    assert named in str(error.value)
