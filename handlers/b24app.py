@@ -84,7 +84,7 @@ def _install(form: dict[str, str]) -> dict[str, Any]:
     settings, db, directory = _services()
     if not settings.app_mode:
         raise ApiError(
-            503,
+            403,
             "app_mode_off",
             "installations are not taken: set B24SCRIBE_BITRIX24_CLIENT_ID and B24SCRIBE_BITRIX24_CLIENT_SECRET",
         )
@@ -107,9 +107,12 @@ def _install(form: dict[str, str]) -> dict[str, Any]:
 @bp.response(200, PortalInstalledSchema)
 @bp.alt_response(400, schema=ErrorSchema, description="not a form-encoded UTF-8 body of at most 100 fields")
 @bp.alt_response(413, schema=ErrorSchema, description="the form is larger than 16 KiB")
-@bp.alt_response(403, schema=ErrorSchema, description="the token is not ours, or the application_token differs")
+@bp.alt_response(
+    403,
+    schema=ErrorSchema,
+    description="the token is not ours, the application_token differs, or the local application is not configured",
+)
 @bp.alt_response(422, schema=ErrorSchema, description="a field of the ONAPPINSTALL form is missing or invalid")
-@bp.alt_response(503, schema=ErrorSchema, description="the local application is not configured")
 def install_callback() -> dict[str, Any]:
     """Bitrix24's ONAPPINSTALL: stores the portal and its tokens, verified with app.info first."""
     form = _form()
