@@ -193,8 +193,10 @@ def test_postgresql_claimers_never_wait_for_each_others_portal_rows(db: Database
             started = time.monotonic()
             outcome[name] = ratelimit.budgets(session, [wants], now, FAST, lock=True)
             outcome[name + " waited"] = time.monotonic() - started
+            # hold the row until both have tried: one that commits first would free its row for the other
+            both_tried.wait(timeout=5)
 
-    ready = threading.Barrier(2)
+    ready, both_tried = threading.Barrier(2), threading.Barrier(2)
     threads = [
         threading.Thread(target=take, args=("a", "p", "q", ready), daemon=True),
         threading.Thread(target=take, args=("b", "q", "p", ready), daemon=True),
