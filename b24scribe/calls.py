@@ -122,6 +122,7 @@ def describe_call(session: Session, call: Call) -> dict[str, Any]:
         "last_error": call.last_error,
         "note": call.note,
         "recording": _recording(call, jobs),
+        "transcription": _transcription(call),
         "transcripts": transcripts,
         "jobs": [describe_job(job, with_request=True) for job in jobs],
     }
@@ -149,4 +150,17 @@ def _recording(call: Call, jobs: list[Job]) -> dict[str, Any] | None:
         "file": call.recording_file,
         "sha256": call.recording_sha256,
         "attached_at": iso(call.recording_attached_at),
+    }
+
+
+def _transcription(call: Call) -> dict[str, Any] | None:
+    """What became of asking the vendor to transcribe the call (contract §10); None: never asked."""
+    if call.transcription_state is None:
+        return None
+    return {
+        "state": call.transcription_state,
+        "vendor": call.transcription_vendor,
+        "vendor_job_id": call.transcription_job_id,
+        "submitted_at": iso(call.transcription_submitted_at),
+        "reason": call.transcription_error,
     }

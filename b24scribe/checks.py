@@ -221,6 +221,26 @@ def check_sources(settings: Settings, sources: Sources) -> list[Finding]:
     return findings
 
 
+def check_transcription_vendor(settings: Settings, session: requests.Session | None = None) -> list[Finding]:
+    """The vendor b24scribe submits recordings to (B24SCRIBE_TRANSCRIBE_WITH): its key, by a harmless
+    read-only request (Deepgram: the key's projects). Nothing is submitted."""
+    vendor = settings.transcribe_with
+    if vendor is None:
+        return []
+    from b24scribe.delivery.submit import SUBMITTERS, VendorError
+
+    submitter = SUBMITTERS[vendor]
+    http = session or requests.Session()
+    try:
+        submitter.check(http, settings)
+    except VendorError as error:
+        return [problem(f"B24SCRIBE_TRANSCRIBE_WITH={vendor}: the key does not work: {error}")]
+    finally:
+        if session is None:
+            http.close()
+    return [ok(f"{vendor}: the key works; answered calls with a recording are submitted for transcription")]
+
+
 def run_checks(settings: Settings, db: Database, sources: Sources) -> list[Finding]:
     """All checks, in the order a person would fix them."""
     return [
@@ -229,6 +249,7 @@ def run_checks(settings: Settings, db: Database, sources: Sources) -> list[Findi
         *check_database(db),
         *check_bitrix24(settings),
         *check_installed_portals(settings, db),
+        *check_transcription_vendor(settings),
     ]
 
 

@@ -137,6 +137,7 @@ class CallEvent:
     recording_url: str | None = None
     line: str | None = None
     recording_channels: int | None = None  # 1 or 2, when the PBX says how the recording is made
+    transcribe: bool | None = None  # False: never submit this call for transcription (contract §10)
 
 
 @dataclass(frozen=True, slots=True)

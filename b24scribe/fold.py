@@ -44,6 +44,9 @@ MERGED = (
     "finish_reported",
     "duration",
     "status",
+    "transcribe",
+    "transcription_state",
+    "transcription_vendor",
     "updated_at",
 )
 _CALL = cast(Table, Call.__table__)
@@ -107,6 +110,9 @@ class CallState:
     finish_reported: bool = False
     duration: int | None = None
     status: str | None = None
+    transcribe: bool = True
+    transcription_state: str | None = None
+    transcription_vendor: str | None = None
     updated_at: float = 0.0
     changed: bool = False
     open_kinds: set[str] = field(default_factory=set)  # kinds with a job not done or dead
@@ -138,6 +144,8 @@ class CallState:
         ):
             if value not in (None, "") and not (other_leg and attribute in ("extension", "user_id")):
                 setattr(self, attribute, value)
+        if event.transcribe is False:
+            self.transcribe = False  # the PBX said no for this call: it stays no
         if event.event == "answered":
             self.answered = True
         if event.event == "finished":
@@ -156,8 +164,31 @@ class CallState:
         self.changed = True
 
 
+@dataclass(frozen=True, slots=True)
+class TranscribePolicy:
+    """Which calls b24scribe submits to the STT vendor itself (contract §10)."""
+
+    vendor: str
+    min_seconds: float
+    off_portals: frozenset[str] = frozenset()
+
+    def wants(self, call: CallState) -> bool:
+        """An answered call with a recording and enough talk, allowed by its PBX and its portal,
+        not submitted yet (one request per call, ever)."""
+        return (
+            call.transcribe
+            and call.transcription_state is None
+            and call.finish_reported
+            and call.status == "answered"
+            and (call.duration or 0) >= self.min_seconds
+            and bool(call.recording_url)
+            and call.portal not in self.off_portals
+        )
+
+
 @dataclass(slots=True)
 class _Plan:
+    transcribe: TranscribePolicy | None = None
     calls_by_key: dict[tuple[str, ...], CallState] = field(default_factory=dict)
     jobs: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
@@ -338,14 +369,14 @@ def _load_open_jobs(connection: Connection, states: dict[int, CallState]) -> Non
             states[call_id].attach_queued = True
 
 
-def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bool = False) -> None:
+def _enqueue(plan: _Plan, kind: str, call: CallState, event_id: int, waiting: bool = False, paced: bool = True) -> None:
     plan.jobs.append(
         {
             "kind": kind,
             "call_id": call.id,
             "event_id": event_id,
             "transcript_id": None,
-            "portal": call.portal,
+            "portal": call.portal if paced else None,  # unpaced: it talks to a vendor, not to the portal
             "state": JobState.WAITING if waiting else JobState.PENDING,
         }
     )
@@ -364,6 +395,10 @@ def _fold_call_event(plan: _Plan, call: CallState, event_id: int, event: CallEve
         # a new recording (or a new URL for it): one record job attaches the call's latest URL
         # after finish; one already running sees the new URL when it records its outcome
         _enqueue(plan, JobKind.RECORD, call, event_id, waiting=call.stage != "finished")
+    if plan.transcribe is not None and plan.transcribe.wants(call):
+        # submitted as soon as the recording is known: the vendor works while Bitrix24 is being told
+        call.transcription_state, call.transcription_vendor = "queued", plan.transcribe.vendor
+        _enqueue(plan, JobKind.TRANSCRIBE, call, event_id, paced=False)
 
 
 def _fold_transcript(
@@ -401,14 +436,22 @@ def _fold_transcript(
         call.attach_queued = True
 
 
-def fold_batch(session: Session, batch: Sequence[Folding], now: float, lock_calls: bool) -> None:
+def fold_batch(
+    session: Session,
+    batch: Sequence[Folding],
+    now: float,
+    lock_calls: bool,
+    transcribe: TranscribePolicy | None = None,
+) -> None:
     """Fold `batch` in the session's transaction: register, finish and attach planned as per event.
 
     `lock_calls` (PostgreSQL): lock the batch's calls so concurrent workers take turns on a call.
+    `transcribe`: which calls get a transcribe job (None: b24scribe submits nothing itself).
     """
     connection = session.connection()
     ordered = sorted(batch, key=lambda folding: folding.event_id)
     plan = _resolve_calls(connection, ordered, now, lock_calls)
+    plan.transcribe = transcribe
     for folding in ordered:
         if _unplaced(folding):
             # its call is named by what the vendor's fetch returns: fetch first, then place it

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from b24scribe import outbox
 from b24scribe.db import Database
-from b24scribe.fold import Folding, Readable, fold_batch
+from b24scribe.fold import Folding, Readable, TranscribePolicy, fold_batch
 from b24scribe.models import InboundEvent, Job
 from b24scribe.parsing import parse_call_event, parse_transcript, resolve_portal
 from b24scribe.settings import Settings
@@ -208,9 +208,21 @@ def _still_due(session: Session, job_ids: Sequence[int], lock: bool) -> set[int]
     return {job_id for job_id, state, due_at in rows if state == "pending" and due_at <= now}
 
 
-def _fold_taken(session: Session, taken: Sequence[_Taken], lock: bool, now: float) -> None:
+def transcribe_policy(settings: Settings) -> TranscribePolicy | None:
+    """Which calls get a transcribe job (contract §10); None when b24scribe submits nothing itself."""
+    if settings.transcribe_with is None:
+        return None
+    return TranscribePolicy(
+        settings.transcribe_with, settings.transcribe_min_seconds, frozenset(settings.transcribe_off_portals)
+    )
+
+
+def _fold_taken(
+    session: Session, taken: Sequence[_Taken], lock: bool, now: float, transcribe: TranscribePolicy | None
+) -> None:
     """Fold the readable events of `taken` as one batch and close every apply job (done or dead)."""
-    fold_batch(session, [t.folding for t in taken if t.folding is not None], now, lock_calls=lock)
+    batch = [t.folding for t in taken if t.folding is not None]
+    fold_batch(session, batch, now, lock_calls=lock, transcribe=transcribe)
     connection = session.connection()
     done = [{"b_id": t.job_id, "b_now": now} for t in taken if t.folding is not None]
     if done:
@@ -230,7 +242,7 @@ def _fold_alone(db: Database, settings: Settings, one: _Taken) -> bool:
         with db.write() as session:
             if not _still_due(session, [one.job_id], lock):
                 return True
-            _fold_taken(session, [one], lock, time.time())
+            _fold_taken(session, [one], lock, time.time(), transcribe_policy(settings))
         return True
     except Exception as error:  # a bug or a passing failure: never block the events behind it
         log.exception("folding a stored event failed", job_id=one.job_id)
@@ -266,7 +278,7 @@ def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) ->
             with db.write() as session:
                 due = _still_due(session, [t.job_id for t in taken], lock=False)
                 taken = [t for t in taken if t.job_id in due]
-                _fold_taken(session, taken, lock, time.time())
+                _fold_taken(session, taken, lock, time.time(), transcribe_policy(settings))
             written = time.perf_counter() - started
         else:
             with db.write() as session:  # row locks only: other workers take other events meanwhile
@@ -275,7 +287,7 @@ def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) ->
                     return 0
                 taken = [_read(settings, sources, s) for s in stored]
                 started = time.perf_counter()
-                _fold_taken(session, taken, lock, time.time())
+                _fold_taken(session, taken, lock, time.time(), transcribe_policy(settings))
             written = time.perf_counter() - started
     except Exception:
         if not stored:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from b24scribe.callbacks import credential_for
 from b24scribe.settings import Settings
 
 if TYPE_CHECKING:
@@ -141,6 +142,10 @@ def authenticate_before_body(
         for scheme_name, value in offered:
             if _same(value, token):
                 return Authenticated(scheme_name)
+    # the per-call credential of a callback b24scribe asked a vendor for (contract §10)
+    expected = credential_for(settings, source, dict(request.query))
+    if expected is not None and any(_same(value, expected) for _, value in offered):
+        return Authenticated("call-credential")
     if portal_for_token is not None:
         for scheme_name, value in offered:
             if (portal := portal_for_token(value)) is not None:

@@ -48,6 +48,7 @@ class JobKind(StrEnum):
     ATTACH = "attach"  # telephony.call.attachTranscription
     FETCH = "fetch"  # GET a finished transcript from an STT vendor's API
     RECORD = "record"  # telephony.externalCall.attachRecord (after downloading the file, in upload mode)
+    TRANSCRIBE = "transcribe"  # submit the call's recording to the STT vendor (contract §10)
     APPLY = "apply"  # fold a stored event into its call (b24scribe.folding, never claimed one by one)
 
 
@@ -157,6 +158,14 @@ class Call(Base):
     recording_sha256: Mapped[str | None] = mapped_column(String(64))  # of the file uploaded (upload mode)
     recording_file: Mapped[str | None] = mapped_column(String(200))  # FILENAME sent to Bitrix24
     recording_attached_at: Mapped[float | None] = mapped_column(Float)
+    # Transcription requests (contract §10): False when the PBX said "transcribe": false for this call.
+    transcribe: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # queued | submitted | failed | refused (None: not asked for), the vendor, its job id, why not
+    transcription_state: Mapped[str | None] = mapped_column(String(16))
+    transcription_vendor: Mapped[str | None] = mapped_column(String(32))
+    transcription_job_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    transcription_error: Mapped[str | None] = mapped_column(Text)
+    transcription_submitted_at: Mapped[float | None] = mapped_column(Float)
     finish_reported: Mapped[bool] = mapped_column(Boolean, default=False)
     # Bitrix24 side: new → registered → finished
     stage: Mapped[str] = mapped_column(String(16), default="new")

@@ -18,6 +18,8 @@ DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 1440
 
 
 RECORDING_MODES = ("upload", "url")
+# vendors b24scribe can submit recordings to itself (contract §10), as B24SCRIBE_TRANSCRIBE_WITH names them
+TRANSCRIBE_VENDORS = ("deepgram",)
 
 
 class SettingsError(ValueError):
@@ -78,6 +80,13 @@ class Settings:
     max_recording_bytes: int = 200 * 1024 * 1024
     # a transcript waits at most this long after finish for a known recording to be attached first
     recording_wait_minutes: float = 30.0
+    # transcription requests (contract §10): the vendor b24scribe submits each answered call's recording to
+    transcribe_with: str | None = None
+    transcribe_min_seconds: float = 5.0
+    # a submitted call whose transcript has not come this long after submission is reported as failed
+    transcribe_timeout_minutes: float = 60.0
+    # portals whose calls are never submitted (names as ?portal= gives them)
+    transcribe_off_portals: tuple[str, ...] = ()
     # per-vendor keys, API base URLs and other secrets: B24SCRIBE_<VENDOR>_<NAME>, read lazily
     vendor: Mapping[str, str] = field(default_factory=dict)
 
@@ -248,6 +257,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         "RETENTION_DAYS": (float, 1.0),
         "MAX_RECORDING_BYTES": (int, 1024),
         "RECORDING_WAIT_MINUTES": (float, 0.0),
+        "TRANSCRIBE_MIN_SECONDS": (float, 0.0),
+        "TRANSCRIBE_TIMEOUT_MINUTES": (float, 1.0),
     }
     for name, (kind, minimum) in numbers.items():
         if (value := text(name)) is not None:
@@ -274,6 +285,24 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
         values["recording_mode"] = value.strip().lower()
     if (value := text("RECORDING_HOSTS")) is not None:
         values["recording_hosts"] = _parse_hosts(value)
+    if (value := text("TRANSCRIBE_WITH")) is not None:
+        vendor = value.strip().lower()
+        if vendor not in TRANSCRIBE_VENDORS:
+            raise SettingsError(
+                f"{PREFIX}TRANSCRIBE_WITH: expected one of {', '.join(TRANSCRIBE_VENDORS)}, got {value!r}"
+            )
+        values["transcribe_with"] = vendor
+        if "public_url" not in values:
+            raise SettingsError(
+                f"{PREFIX}TRANSCRIBE_WITH needs {PREFIX}PUBLIC_URL: "
+                f"the vendor calls back at <public URL>/hooks/stt/{vendor}"
+            )
+        if "inbound_token" not in values:
+            raise SettingsError(
+                f"{PREFIX}TRANSCRIBE_WITH needs {PREFIX}INBOUND_TOKEN: each callback's credential is derived from it"
+            )
+    if (value := text("TRANSCRIBE_OFF_PORTALS")) is not None:
+        values["transcribe_off_portals"] = tuple(name for name in value.replace(",", " ").split() if name)
     if (value := text("CRM_CREATE")) is not None:
         values["crm_create"] = _parse_bool("CRM_CREATE", value)
     if (value := text("LOG_LEVEL")) is not None:

@@ -511,9 +511,12 @@ class Web:
         return children(self.process.pid)
 
 
-def start_web(space: Workspace, env: Mapping[str, str], app: str = "app:create_app()", name: str = "web") -> Web:
-    """`gunicorn 'app:create_app()' --config gunicorn.conf.py` (or another app), ready to serve."""
-    port = free_port()
+def start_web(
+    space: Workspace, env: Mapping[str, str], app: str = "app:create_app()", name: str = "web", port: int | None = None
+) -> Web:
+    """`gunicorn 'app:create_app()' --config gunicorn.conf.py` (or another app), ready to serve, on
+    `port` (a free one if None: a caller that must name the URL in the settings picks it first)."""
+    port = port or free_port()
     log = space.path / f"{name}.log"
     process = start_process(
         [str(BIN / "gunicorn"), app, "--config", str(GUNICORN_CONF)],

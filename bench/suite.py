@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
     _root = str(Path(__file__).resolve().parent.parent)
     sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench import e2e, fault_run, ingest, memory, pacing_one_portal, recording, sustained
+from bench import e2e, fault_run, ingest, memory, pacing_one_portal, recording, sustained, transcribe
 from bench.common import BIN, ROOT, Row, install_signal_handlers, machine, postgres_server, print_rows, row
 
 BENCHES = (
@@ -45,6 +45,7 @@ BENCHES = (
     "e2e",
     "memory",
     "recording",
+    "transcribe",
     "pacing",
     "pacing-portals",
     "fold-rate",
@@ -156,6 +157,7 @@ def plan(quick: bool, profile: bool | None, notes: list[str]) -> dict[str, Calla
         "e2e": lambda: e2e.run(count=30 if quick else 200),
         "memory": lambda: memory.run(calls=2 if quick else 4),
         "recording": lambda: recording.run(size_mb=50.0 if quick else 300.0, calls=30 if quick else 100),
+        "transcribe": lambda: transcribe.run(calls=10 if quick else 40),
         "pacing": lambda: pacing_one_portal.run(count=60 if quick else 130),
         "pacing-portals": lambda: portals_rows(quick),
     }

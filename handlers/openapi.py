@@ -112,6 +112,16 @@ class RecordingStateSchema(Schema):
     attached_at = fields.DateTime(allow_none=True)
 
 
+class TranscriptionRequestSchema(Schema):
+    """The call's recording as submitted to the STT vendor by b24scribe itself (contract §10)."""
+
+    state = fields.String(required=True, metadata={"description": "queued | submitted | failed"})
+    vendor = fields.String(allow_none=True)
+    vendor_job_id = fields.String(allow_none=True, metadata={"description": "the vendor's id of the job"})
+    submitted_at = fields.DateTime(allow_none=True)
+    reason = fields.String(allow_none=True, metadata={"description": "why it failed, or the last error"})
+
+
 class CallSchema(Schema):
     """A call: its Bitrix24 CALL_ID and stage, recording, transcripts and jobs."""
 
@@ -134,6 +144,11 @@ class CallSchema(Schema):
     status = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)
     recording = fields.Nested(RecordingStateSchema, allow_none=True)
+    transcription = fields.Nested(
+        TranscriptionRequestSchema,
+        allow_none=True,
+        metadata={"description": "b24scribe's own request to the STT vendor (B24SCRIBE_TRANSCRIBE_WITH); null: none"},
+    )
     transcripts = fields.List(fields.Nested(TranscriptStateSchema), required=True)
     jobs = fields.List(fields.Nested(CallJobSchema), required=True)
 

@@ -111,6 +111,8 @@ class GenericCallEventSchema(Schema):
     # how the recording is made, on call.finished (`recording_channels`) or recording.ready (`channels`)
     recording_channels = fields.Integer(validate=validate.OneOf([1, 2]), strict=True)
     channels = fields.Integer(validate=validate.OneOf([1, 2]), strict=True)
+    # false: b24scribe does not submit this call's recording for transcription (contract §10)
+    transcribe = fields.Boolean()
 
     @post_load
     def make_event(self, data: dict[str, Any], **_: Any) -> CallEvent:
@@ -128,6 +130,7 @@ class GenericCallEventSchema(Schema):
             recording_url=data.get("recording_url"),
             line=data.get("line"),
             recording_channels=data.get("recording_channels", data.get("channels")),
+            transcribe=data.get("transcribe"),
         )
 
 
@@ -191,6 +194,7 @@ class _GenericCallEventFast(msgspec.Struct, forbid_unknown_fields=True, rename={
     line: Annotated[str, msgspec.Meta(max_length=MAX_LINE_LENGTH)] | msgspec.UnsetType = msgspec.UNSET
     recording_channels: Literal[1, 2] | msgspec.UnsetType = msgspec.UNSET
     channels: Literal[1, 2] | msgspec.UnsetType = msgspec.UNSET
+    transcribe: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 _FAST_DECODER = msgspec.json.Decoder(_GenericCallEventFast)
@@ -241,6 +245,7 @@ def _parse_generic_fast(body: bytes) -> CallEvent | None:
         recording_url=_unset_to_none(fast.recording_url),
         line=_unset_to_none(fast.line),
         recording_channels=_unset_to_none(fast.recording_channels) or _unset_to_none(fast.channels),
+        transcribe=_unset_to_none(fast.transcribe),
     )
 
 

@@ -28,7 +28,7 @@ from schemas.registry import SOURCES
 if TYPE_CHECKING:
     from tests.fake_bitrix24 import FakeBitrix24
 
-pytest_plugins = ["tests.fake_bitrix24", "tests.fake_vendor_api"]
+pytest_plugins = ["tests.fake_bitrix24", "tests.fake_vendor_api", "tests.fake_deepgram"]
 
 INBOUND_TOKEN = "test-inbound-token-7f3a"
 ADMIN_TOKEN = "test-admin-token-91c2"

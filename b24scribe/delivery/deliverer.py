@@ -26,6 +26,7 @@ from b24scribe.delivery.fetches import VendorFetches
 from b24scribe.delivery.recording import Recorder, database_unavailable
 from b24scribe.delivery.sender import LeaseLost, PortalSender, clients_from, pace_from
 from b24scribe.delivery.steps import Steps
+from b24scribe.delivery.transcribe import Transcriptions
 from b24scribe.models import Call, JobKind
 from b24scribe.outbox import Claim
 from b24scribe.ratelimit import Pace
@@ -53,12 +54,14 @@ class Deliverer:
         self.sender = PortalSender(db, settings, clients, self.recorder)
         self.steps = Steps(db, settings, self.sender, self.recorder, sources)
         self.fetches = VendorFetches(db, settings, sources, http, self.recorder)
+        self.transcriptions = Transcriptions(db, settings, sources, http, self.recorder)
         self._run: dict[str, Callable[[Claim, Call | None], None]] = {
             JobKind.REGISTER: self._register,
             JobKind.FINISH: self._finish,
             JobKind.ATTACH: self._attach,
             JobKind.FETCH: self._fetch,
             JobKind.RECORD: self._attach_record,
+            JobKind.TRANSCRIBE: self._transcribe,
         }
         # the calls claims read in their own transaction (`prepare`), by job id, until the job runs
         self._prepared: dict[int, Call] = {}
@@ -159,6 +162,10 @@ class Deliverer:
     def _attach_record(self, claim: Claim, call: Call | None) -> None:
         assert call is not None
         self.steps.attach_record(claim, call)
+
+    def _transcribe(self, claim: Claim, call: Call | None) -> None:
+        assert call is not None
+        self.transcriptions.transcribe(claim, call)
 
     def _fetch(self, claim: Claim, call: Call | None) -> None:
         self.fetches.fetch(claim)

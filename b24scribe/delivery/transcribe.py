@@ -1,0 +1,185 @@
+"""The transcribe step (contract §10): submit an answered call's recording to the STT vendor once.
+
+Idempotent across retries and crashes: a call whose vendor job id is stored is never submitted again,
+and an attempt that follows a lost answer (or a worker that died mid-submission: the claim is then
+ambiguous) first asks the vendor whether that submission arrived, by the marker it carried. The
+vendor job id is recorded in the same batch as the answer, before anything else is sent.
+
+After the submission the job waits for the vendor's callback, at most
+B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES: then a call with no transcript is marked failed, with the
+reason on the call (the job is dead and can be retried, which submits again).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import requests
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from b24scribe import outbox
+from b24scribe.callbacks import callback_url
+from b24scribe.db import Database
+from b24scribe.delivery.download import DownloadFailed, NotReady, Refused, download
+from b24scribe.delivery.recording import Recorder
+from b24scribe.delivery.submit import (
+    SUBMITTERS,
+    AnswerLost,
+    Submission,
+    Submitter,
+    VendorBusy,
+    VendorError,
+    VendorRejected,
+    fetchable,
+)
+from b24scribe.models import Call, Job, TranscriptPart
+from b24scribe.outbox import Claim
+from b24scribe.settings import Settings
+from b24scribe.sources import Sources
+
+log = structlog.get_logger(__name__)
+
+WAITING_FOR_CALLBACK = "submitted: waiting for the vendor's callback"
+MAX_ERROR = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    call_id: int
+    vendor: str
+    job_id: str
+    until: float  # when to look whether the transcript came
+
+
+class Transcriptions:
+    """Runs transcribe jobs: submit, then check that the transcript came."""
+
+    def __init__(
+        self, db: Database, settings: Settings, sources: Sources, http: requests.Session, recorder: Recorder
+    ) -> None:
+        self.db, self.settings, self.sources, self.http, self.recorder = db, settings, sources, http, recorder
+
+    def transcribe(self, claim: Claim, call: Call) -> None:
+        vendor = call.transcription_vendor or self.settings.transcribe_with or ""
+        submitter = SUBMITTERS.get(vendor)
+        if submitter is None:
+            self._give_up(claim, call.id, f"b24scribe cannot submit recordings to {vendor!r}")
+            return
+        if call.transcription_job_id and call.transcription_state == "submitted":
+            self._check_arrived(claim, call, vendor)
+            return
+        metadata: tuple[tuple[str, str], ...] = (
+            ("b24scribe_pbx", call.pbx or ""),
+            ("b24scribe_call", call.pbx_call_id or ""),
+        )
+        if call.portal != self.settings.portal:
+            metadata += (("b24scribe_portal", call.portal),)
+        try:
+            since = time.time() - 2 * 86400  # the vendor's log of the last two days holds any earlier attempt
+            found = submitter.find(self.http, self.settings, metadata, since) if claim.ambiguous else None
+            job_id = found or self._submit(submitter, call, metadata)
+        except VendorBusy as busy:
+            until, reason = time.time() + busy.retry_after, f"{busy} (retried after {busy.retry_after:g} s)"
+            self._record(claim, lambda s, j: outbox.defer(s, j, until, reason[:MAX_ERROR], time.time()))
+            return
+        except VendorRejected as error:
+            self._give_up(claim, call.id, str(error))
+            return
+        except AnswerLost as error:
+            self._retry(claim, call.id, str(error), ambiguous=True)
+            return
+        except VendorError as error:
+            self._retry(claim, call.id, str(error))
+            return
+        except NotReady as error:
+            self._retry(claim, call.id, f"the recording is not ready yet: {error}")
+            return
+        except DownloadFailed as error:
+            self._retry(claim, call.id, f"the recording could not be downloaded: {error}")
+            return
+        except Refused as error:
+            self._give_up(claim, call.id, f"the recording was refused: {error}")
+            return
+        log.info("recording submitted for transcription", vendor=vendor, found_after_lost_answer=found is not None)
+        until = time.time() + self.settings.transcribe_timeout_minutes * 60
+        submitted = _Submitted(call.id, vendor, job_id, until)
+        self._record(claim, lambda s, j: _record_submitted(s, j, submitted), on_lost=lambda s: _keep(s, submitted))
+
+    def _submit(self, submitter: Submitter, call: Call, metadata: tuple[tuple[str, str], ...]) -> str:
+        settings = self.settings
+        url = call.recording_url or ""
+        target = callback_url(
+            settings, submitter.name, call.portal, call.pbx or "", call.pbx_call_id or "", submitter.userinfo
+        )
+        channels = 2 if call.recording_channels == 2 else 1
+        source = self.sources.pbx.get(call.pbx or "")
+        auth = source.recording_auth(url, settings) if source and source.recording_auth else None
+        if auth is None and fetchable(url):
+            return submitter.submit(self.http, settings, Submission(metadata, target, channels, url=url))
+        hosts = (*settings.recording_hosts, *(source.recording_hosts if source else ()))
+        with download(
+            url,
+            hosts=hosts,
+            max_bytes=settings.max_recording_bytes,
+            timeout=settings.vendor_timeout_seconds,
+            call_ref=str(call.pbx_call_id or call.id),
+            auth=auth,
+        ) as file:
+            submission = Submission(metadata, target, channels, path=file.path, content_type=file.content_type)
+            return submitter.submit(self.http, settings, submission)
+
+    def _check_arrived(self, claim: Claim, call: Call, vendor: str) -> None:
+        """The submission's wait is over: done if a transcript came, else failed with the reason."""
+        with self.db.read() as session:
+            arrived = session.scalar(select(TranscriptPart.id).where(TranscriptPart.call_id == call.id).limit(1))
+        if arrived is not None:
+            self._record(claim, lambda s, j: outbox.complete(s, j, {"transcript": "received"}, time.time()))
+            return
+        minutes = self.settings.transcribe_timeout_minutes
+        self._give_up(claim, call.id, f"{vendor} did not call back within {minutes:g} minutes")
+
+    def _give_up(self, claim: Claim, call_id: int, reason: str) -> None:
+        reason = reason[:MAX_ERROR]
+
+        def apply(session: Session, job: Job) -> None:
+            outbox.kill(session, job, reason, time.time())
+            row = session.get_one(Call, call_id)
+            row.transcription_state, row.transcription_error = "failed", reason
+
+        self._record(claim, apply)
+
+    def _retry(self, claim: Claim, call_id: int, reason: str, ambiguous: bool = False) -> None:
+        reason, schedule = reason[:MAX_ERROR], self.recorder.retry_schedule
+
+        def apply(session: Session, job: Job) -> None:
+            outbox.retry_later(session, job, reason, time.time(), ambiguous=ambiguous, schedule=schedule)
+            row = session.get_one(Call, call_id)
+            row.transcription_error = reason
+            if job.state == "dead":
+                row.transcription_state = "failed"
+
+        self._record(claim, apply)
+
+    def _record(self, claim: Claim, apply: object, on_lost: object = None) -> None:
+        self.recorder.record(claim, apply, on_lost=on_lost)  # type: ignore[arg-type]
+
+
+def _keep(session: Session, submitted: _Submitted) -> None:
+    """The lease was lost but the vendor took the recording: keep its job id (a re-run finds it)."""
+    row = session.get_one(Call, submitted.call_id)
+    if not row.transcription_job_id:
+        row.transcription_job_id, row.transcription_vendor = submitted.job_id, submitted.vendor
+        row.transcription_state, row.transcription_submitted_at = "submitted", time.time()
+
+
+def _record_submitted(session: Session, job: Job, submitted: _Submitted) -> None:
+    now = time.time()
+    row = session.get_one(Call, submitted.call_id)
+    row.transcription_job_id, row.transcription_vendor = submitted.job_id, submitted.vendor
+    row.transcription_state, row.transcription_submitted_at, row.transcription_error = "submitted", now, None
+    job.result = {"vendor": submitted.vendor, "vendor_job_id": submitted.job_id}
+    # not done yet: the job comes back when the wait is over, to see that the transcript came
+    outbox.defer(session, job, submitted.until, WAITING_FOR_CALLBACK, now)
