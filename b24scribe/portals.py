@@ -319,7 +319,9 @@ def check_event(session: Session, form: Mapping[str, str]) -> Portal:
     """The installed portal an event comes from, if it carries that portal's application_token."""
     member_id = (form.get("auth[member_id]") or "").strip()
     token = (form.get("auth[application_token]") or "").strip()
-    row = session.scalars(select(Portal).where(Portal.member_id == member_id)).one_or_none() if member_id else None
+    readable = 0 < len(member_id) <= MAX_FIELD_LENGTHS["member_id"] and member_id.isprintable()
+    query = select(Portal).where(Portal.member_id == member_id)
+    row = session.scalars(query).one_or_none() if readable else None  # never a NUL into a query
     if row is None or row.application_token is None or not token:
         raise InstallRefused(403, "unknown portal or application_token")
     if not hmac.compare_digest(row.application_token.encode(), token.encode()):

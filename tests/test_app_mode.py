@@ -414,3 +414,24 @@ def test_an_install_naming_a_client_endpoint_that_is_not_a_portals_https_rest_ur
     assert not fake_bitrix24.calls_to("app.info")
     with db.read() as session:
         assert session.scalar(select(Portal.id)) is None
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"event": "ONAPPUNINSTALL", "auth[member_id]": "a\x00b", "auth[application_token]": "x"},
+        {"event": "ONAPPUNINSTALL", "auth[member_id]": "m" * 5000, "auth[application_token]": "x"},
+        {"event": "ONAPPUNINSTALL"},
+    ],
+    ids=["nul", "long", "empty"],
+)
+def test_a_hostile_event_is_refused_with_a_403_never_a_5xx(http: FlaskClient, form: dict[str, str]) -> None:
+    assert http.post("/b24/events", data=form).status_code == 403
+
+
+def test_a_form_that_is_not_utf8_or_too_big_is_refused_unread(http: FlaskClient) -> None:
+    raw = b"event=ONAPPINSTALL&auth%5Bdomain%5D=\xff\xfe"
+    bad = http.post("/b24/install", data=raw, content_type="application/x-www-form-urlencoded")
+    assert bad.status_code == 400
+    big = http.post("/b24/events", data=b"a=" + b"x" * 20_000, content_type="application/x-www-form-urlencoded")
+    assert big.status_code == 413
