@@ -134,6 +134,10 @@ Answerer = Callable[["HookRequest", bytes, "Settings"], HookAnswer | None]
 # The credentials a PBX's recording URL needs (`requests` auth: a (user, password) pair or an
 # AuthBase), from the URL and the settings; None: the URL is fetched without any.
 RecordingAuth = Callable[[str, "Settings"], Any]
+# A PBX whose recording event names the recording by its API (Zadarma: `pbx/record/request`): the URL
+# stored on the call → the file's own URL, asked when the recording is attached or submitted. Raises
+# b24scribe.delivery.download's NotReady (retried on the schedule) or Refused (the job ends).
+RecordingResolver = Callable[[str, "Settings", Any], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,7 @@ class PbxSource:
     # B24SCRIBE_RECORDING_HOSTS naming it (contract §9), with these credentials.
     recording_hosts: tuple[str, ...] = ()
     recording_auth: RecordingAuth | None = None
+    resolve_recording: RecordingResolver | None = None  # (url, settings, requests.Session) -> the file's URL
 
     @property
     def kind(self) -> Kind:

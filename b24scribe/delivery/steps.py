@@ -12,6 +12,7 @@ import base64
 import time
 from typing import Any
 
+import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -25,7 +26,7 @@ from b24scribe.bitrix24 import (
 )
 from b24scribe.db import Database
 from b24scribe.delivery import outcomes
-from b24scribe.delivery.download import Downloaded, DownloadFailed, NotReady, Refused, download
+from b24scribe.delivery.download import Downloaded, DownloadFailed, NotReady, RecordingError, Refused, download
 from b24scribe.delivery.outcomes import (
     Attached,
     DefaultUser,
@@ -58,7 +59,7 @@ from b24scribe.delivery.sender import PortalSender
 from b24scribe.models import AttachLedger, Call, TranscriptPart
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
-from b24scribe.sources import Sources
+from b24scribe.sources import PbxSource, Sources
 
 # A recording up to this size goes inline (FILENAME + FILE_CONTENT, base64 in the JSON body); a
 # larger one through the portal's upload URL, streamed from disk (contract §9).
@@ -243,19 +244,29 @@ class Steps:
             )
             return
         if self.settings.recording_mode == "url":
-            params = {"CALL_ID": call.b24_call_id, "RECORD_URL": url}
             if call.recording_state == "attached" and call.recording_attached_url == url:
+                params = {"CALL_ID": call.b24_call_id, "RECORD_URL": url}
                 self.record(claim, RecordAttached(call.id, url, "attached", params, note="attached already"))
                 return
+            try:
+                record_url = resolve_recording(self.sources.pbx.get(call.pbx or ""), url, self.settings)
+            except RecordingError as error:
+                retry = not isinstance(error, Refused)
+                self.record(
+                    claim, RecordNotAttached(call.id, url, f"the recording's URL was not given: {error}", retry)
+                )
+                return
+            params = {"CALL_ID": call.b24_call_id, "RECORD_URL": record_url}
             if self._send_record(claim, call, url, params):
                 self.record(claim, RecordAttached(call.id, url, "attached", params))
             return
         source = self.sources.pbx.get(call.pbx or "")
         hosts = (*self.settings.recording_hosts, *(source.recording_hosts if source else ()))
-        auth = source.recording_auth(url, self.settings) if source and source.recording_auth else None
         try:
+            file_url = resolve_recording(source, url, self.settings)  # `url` stays the call's own
+            auth = source.recording_auth(file_url, self.settings) if source and source.recording_auth else None
             with download(
-                url,
+                file_url,
                 hosts=hosts,
                 max_bytes=self.settings.max_recording_bytes,
                 timeout=self.settings.vendor_timeout_seconds,
@@ -325,6 +336,15 @@ class Steps:
     def record(self, claim: Claim, outcome: Outcome) -> None:
         """Queue what the outcome changes, for the batch's next flush."""
         outcomes.record(self.recorder, claim, outcome)
+
+
+def resolve_recording(source: PbxSource | None, url: str, settings: Settings) -> str:
+    """The file's own URL: the call's, or what its PBX's API says for it (Zadarma names a recording
+    by an API request); NotReady, Refused or DownloadFailed when the PBX cannot say yet."""
+    if source is None or source.resolve_recording is None:
+        return url
+    with requests.Session() as http:
+        return source.resolve_recording(url, settings, http)
 
 
 def _attached_ids(session: Session, call: Call) -> dict[str, int | None]:

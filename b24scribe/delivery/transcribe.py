@@ -25,6 +25,7 @@ from b24scribe.callbacks import callback_url
 from b24scribe.db import Database
 from b24scribe.delivery.download import DownloadFailed, NotReady, Refused, download
 from b24scribe.delivery.recording import Recorder
+from b24scribe.delivery.steps import resolve_recording
 from b24scribe.delivery.submit import (
     SUBMITTERS,
     AnswerLost,
@@ -116,6 +117,7 @@ class Transcriptions:
         )
         channels = 2 if call.recording_channels == 2 else 1
         source = self.sources.pbx.get(call.pbx or "")
+        url = resolve_recording(source, url, settings)  # what the PBX's API says for it, if it must be asked
         auth = source.recording_auth(url, settings) if source and source.recording_auth else None
         if auth is None and fetchable(url):
             return submitter.submit(self.http, settings, Submission(metadata, target, channels, url=url))
