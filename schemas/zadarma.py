@@ -10,14 +10,35 @@ of one external call). They fold into one Bitrix24 call:
   `NOTIFY_END` names; a transfer's second `NOTIFY_ANSWER` moves the call to the new extension;
 - `disposition` gives the status (`answered`, `busy`, `cancel` → cancelled, `no answer` → no-answer,
   the rest failed); `duration` is the talk time of an answered call, 0 for any other;
-- `NOTIFY_RECORD` names a recording only by an id that Zadarma's API resolves later
-  (`pbx/record/request`): it is answered 200 and not stored, unless the event carries a
-  `recording_url` (a relay that resolved it), which becomes a `recording` event (contract §9).
-  `NOTIFY_IVR` and Zadarma's non-call notifications are answered 200 and not stored either.
+- `NOTIFY_RECORD` names a recording only by an id (`call_id_with_rec`) that Zadarma's API turns
+  into a link (see Recordings below). `NOTIFY_IVR` and Zadarma's non-call notifications are
+  answered 200 and not stored.
 
 `call_start` is the account's local time without an offset: `?tz=<IANA zone>` on the hook URL (the
 account's time zone, e.g. `?tz=Europe/Moscow`) makes it `started_at`; without it the call has no start
 time and Bitrix24 takes the time of registration.
+
+Recordings. With B24SCRIBE_ZADARMA_API_KEY and B24SCRIBE_ZADARMA_API_SECRET set, `NOTIFY_RECORD` is a
+`recording` event (contract §9) whose `recording_url` is the API request that names the file,
+`https://api.zadarma.com/v1/pbx/record/request/?call_id=<call_id_with_rec>` (by `call_id` the API
+answers this one recording's `link`; by `pbx_call_id` it may answer several `links`). The URL is
+built from the notification alone, so a stored event replays to the same call. When the record job
+runs, `resolve_recording` asks that request, signed as Zadarma's SDKs sign API requests (official
+zadarma/user-api-py-v1 `zadarma/api.py`, user-api-v1 `lib/Client.php`): the parameters (with
+`format=json`, which the SDKs always add) sorted by name and form-encoded, then
+
+    Authorization: <key>:base64(hex(HMAC-SHA1(secret, "/v1/pbx/record/request/" + query + md5hex(query))))
+
+to B24SCRIBE_ZADARMA_API_URL (default https://api.zadarma.com; tests point it at a fake), and
+answers the link (on api.zadarma.com, `/v1/pbx/record/download/...`; a download may go there
+without B24SCRIBE_RECORDING_HOSTS naming it). Without the key and secret, `NOTIFY_RECORD` is
+answered 200 and not stored (as is one without `call_id_with_rec`), unless a relay added its own
+`recording_url`, which is taken as it is.
+
+Failure policy of the API request: a 401/403 is refused for good (the reason names the settings to
+check); a 404, or Zadarma's `{"status": "error"}` with a 200 or a 400 (the file is not stored yet:
+Zadarma advises asking about 40 s after the notification), is "not ready" and retried on the retry
+schedule, then dead with Zadarma's message; a 5xx, 408, 425, 429 or an unreachable API is retried.
 
 Authentication. Zadarma signs a notification (when the account has an API key and secret) with a
 `Signature` header: base64 of the lowercase hex HMAC-SHA1 (PHP's `hash_hmac` default) of a few of its
@@ -54,10 +75,13 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import requests
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
 
+from b24scribe.delivery.download import TRANSIENT_STATUSES, DownloadFailed, NotReady, RecordingError, Refused
 from b24scribe.events import CallEvent
 from b24scribe.inbound_auth import Authenticated, AuthFailure, HookRequest
 from b24scribe.limits import (
@@ -75,6 +99,12 @@ from b24scribe.transcript import Direction
 
 NAME = "zadarma"
 SECRET_SETTING = "API_SECRET"  # noqa: S105 (a setting name: B24SCRIBE_ZADARMA_API_SECRET)
+KEY_SETTING = "API_KEY"  # B24SCRIBE_ZADARMA_API_KEY: the API's user key, for `pbx/record/request`
+API_URL_SETTING = "API_URL"  # B24SCRIBE_ZADARMA_API_URL: replaces DEFAULT_API_URL (tests, proxies)
+DEFAULT_API_URL = "https://api.zadarma.com"
+API_HOST = "api.zadarma.com"  # the API, and where its recording links point (/v1/pbx/record/download/…)
+RECORD_REQUEST = "/v1/pbx/record/request/"  # the API method (and signed path) that answers a recording's link
+RECORD_REQUEST_PARAMETERS = ("call_id", "pbx_call_id", "lifetime")  # what a stored request URL may carry
 
 # event → (CallEvent.event, direction)
 EVENTS: dict[str, tuple[str, Direction | None]] = {
@@ -128,6 +158,30 @@ def sign(secret: str, form: Mapping[str, str]) -> str:
     """The `Signature` header Zadarma sends: base64(hex(HMAC-SHA1(secret, signed fields)))."""
     digest = hmac.new(secret.encode(), signature_string(form).encode(), hashlib.sha1).hexdigest()
     return base64.b64encode(digest.encode()).decode()
+
+
+def api_query(parameters: Mapping[str, str]) -> str:
+    """The parameters sorted by name and form-encoded as PHP's `http_build_query(..., PHP_QUERY_RFC1738)`
+    encodes them (Zadarma's documented recipe; Python's urlencode differs from it in sparing `~`)."""
+    return "&".join(f"{_php_quote(name)}={_php_quote(value)}" for name, value in sorted(parameters.items()))
+
+
+def _php_quote(text: str) -> str:
+    return quote_plus(text, safe="").replace("~", "%7E")
+
+
+def api_signature(method: str, parameters: Mapping[str, str], secret: str) -> str:
+    """The signature of an API request, as Zadarma's SDKs make it: the parameters' `api_query`, then
+    base64(hex(HMAC-SHA1(secret, method + query + md5hex(query))))."""
+    query = api_query(parameters)
+    checksum = hashlib.md5(query.encode(), usedforsecurity=False).hexdigest()
+    digest = hmac.new(secret.encode(), (method + query + checksum).encode(), hashlib.sha1).hexdigest()
+    return base64.b64encode(digest.encode()).decode()
+
+
+def record_request_url(call_id_with_rec: str) -> str:
+    """The API request that names one recording: what a `NOTIFY_RECORD` stores as its recording URL."""
+    return f"{DEFAULT_API_URL}{RECORD_REQUEST}?{urlencode({'call_id': call_id_with_rec})}"
 
 
 def delivery_id(form: Mapping[str, str]) -> str:
@@ -232,9 +286,9 @@ class ZadarmaEventSchema(Schema):
         name = data["event"]
         kind, direction = EVENTS[name]
         if kind == "recording" and "recording_url" not in data:
-            raise ValidationError(
-                {"recording_url": ["NOTIFY_RECORD names no recording URL (it is answered 200 and not stored)"]}
-            )
+            if "call_id_with_rec" not in data:
+                raise ValidationError({"call_id_with_rec": ["NOTIFY_RECORD names no recording (call_id_with_rec)"]})
+            data["recording_url"] = record_request_url(data["call_id_with_rec"])
         started_at = _started_at(data)
         status = duration = None
         if kind == "finished":
@@ -301,9 +355,84 @@ def answer(request: HookRequest, body: bytes, settings: Settings) -> HookAnswer 
     except ValidationError:
         return None  # the parser names what is wrong
     event = form.get("event", "").strip()
-    if event in IGNORED_EVENTS or (event == "NOTIFY_RECORD" and not form.get("recording_url", "").strip()):
+    if event in IGNORED_EVENTS or (event == "NOTIFY_RECORD" and not _recording_named(form, settings)):
         return HookAnswer(200, b'{"ignored": true}\n', "application/json")
     return None
+
+
+def _recording_named(form: Mapping[str, str], settings: Settings) -> bool:
+    """A NOTIFY_RECORD names a recording b24scribe can fetch: a relay's `recording_url`, or an id the
+    API can be asked about with the key and secret (without them it is not stored, as before)."""
+    if form.get("recording_url", "").strip():
+        return True
+    asked = settings.vendor_setting(NAME, KEY_SETTING) and settings.vendor_setting(NAME, SECRET_SETTING)
+    return bool(asked and form.get("call_id_with_rec", "").strip())
+
+
+def resolve_recording(url: str, settings: Settings, http: requests.Session) -> str:
+    """The link Zadarma's API gives for a stored `pbx/record/request` URL (any other URL as it is);
+    NotReady, Refused or DownloadFailed when the API gives none (see the module doc)."""
+    parts = urlsplit(url)
+    if parts.hostname != API_HOST or parts.path != RECORD_REQUEST:
+        return url  # a relay's own recording URL
+    key, secret = settings.vendor_setting(NAME, KEY_SETTING), settings.vendor_setting(NAME, SECRET_SETTING)
+    if not key or not secret:
+        raise Refused(
+            "Zadarma names this recording by its API: set B24SCRIBE_ZADARMA_API_KEY and "
+            "B24SCRIBE_ZADARMA_API_SECRET (Zadarma's API keys page), then retry the job",
+            "not_configured",
+        )
+    parameters = {k: v for k, v in parse_qsl(parts.query) if k in RECORD_REQUEST_PARAMETERS}
+    if "call_id" not in parameters and "pbx_call_id" not in parameters:
+        raise Refused("the Zadarma recording request names no call_id or pbx_call_id", "bad_url")
+    parameters["format"] = "json"  # as the SDKs send (and sign) it
+    base = (settings.vendor_setting(NAME, API_URL_SETTING) or DEFAULT_API_URL).rstrip("/")
+    headers = {"Authorization": f"{key}:{api_signature(RECORD_REQUEST, parameters, secret)}"}
+    try:
+        answer = http.get(
+            f"{base}{RECORD_REQUEST}?{api_query(parameters)}",
+            headers=headers,
+            timeout=settings.vendor_timeout_seconds,
+            allow_redirects=False,
+        )
+    except requests.RequestException as error:
+        raise DownloadFailed(f"Zadarma's API is unreachable ({type(error).__name__})", "unreachable") from None
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    if answer.status_code == 200 and body.get("status") == "success":
+        return _link(body)
+    raise _api_error(answer.status_code, body)
+
+
+def _link(body: Mapping[str, Any]) -> str:
+    """The answer's `link` (asked by call_id), else the first of its `links` (asked by pbx_call_id)."""
+    links = body.get("links")
+    link = body.get("link") or (links[0] if isinstance(links, list) and links else None)
+    if link is None:
+        raise NotReady("Zadarma's API answered success without a link yet", "not_ready")
+    if not isinstance(link, str) or len(link) > MAX_URL_LENGTH or urlsplit(link).scheme not in ("http", "https"):
+        raise Refused("Zadarma's API answered a link that is not an http(s) URL", "bad_url")
+    return link
+
+
+def _api_error(status: int, body: Mapping[str, Any]) -> RecordingError:
+    """What an answer without a link means (the failure policy in the module doc)."""
+    message = " ".join(str(body.get("message", "")).split())[:200]
+    said = f"Zadarma's API answered HTTP {status}" + (f" ({message})" if message else "")
+    if status in (401, 403):
+        return Refused(
+            f"{said}: it refused the key or the signature; check B24SCRIBE_ZADARMA_API_KEY and "
+            "B24SCRIBE_ZADARMA_API_SECRET (the key and secret of Zadarma's API keys page)",
+            "api_auth",
+        )
+    if status == 404 or (status in (200, 400) and body.get("status") == "error"):
+        return NotReady(f"{said}: the recording is not stored yet", "not_ready")
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        return DownloadFailed(said, "http_status")
+    return Refused(said, "http_status")
 
 
 SOURCE = PbxSource(
@@ -313,6 +442,8 @@ SOURCE = PbxSource(
     signatures=(SIGNATURE,),
     answer=answer,
     methods=("GET", "POST"),
+    recording_hosts=(API_HOST,),
+    resolve_recording=resolve_recording,
     summary="Zadarma cloud PBX notifications (NOTIFY_START ... NOTIFY_END, form-encoded, Signature header)",
     openapi_schema=ZadarmaEventSchema,
 )

@@ -84,7 +84,7 @@ def test_each_scenario_is_one_registered_and_finished_call(
     sent = notifications(scenario)
     for fields in sent:
         answer = post(client, fields)
-        if fields["event"] == "NOTIFY_RECORD":  # no URL: Zadarma's API would have to fetch it
+        if fields["event"] == "NOTIFY_RECORD":  # no B24SCRIBE_ZADARMA_API_KEY to ask Zadarma's API for it
             assert (answer.status_code, answer.get_json()) == (200, {"ignored": True})
         else:
             assert answer.status_code == 202, answer.get_json()

@@ -165,15 +165,18 @@ def test_dispositions_map_to_statuses_and_only_answered_calls_have_talk_time(
     assert (event.status, event.duration) == (status, duration)
 
 
-def test_a_recording_with_a_url_is_a_recording_event_and_one_without_is_not_an_event() -> None:
+def test_a_recording_names_the_api_request_for_its_link_or_a_relays_url() -> None:
     fields = form("answered/05_notify_record.form")
-    with pytest.raises(ValidationError) as caught:
-        PARSE(urlencode(fields).encode(), {})
-    assert "recording_url" in caught.value.messages_dict
+    assert PARSE(urlencode(fields).encode(), {}) == CallEvent(
+        "recording", ANSWERED, recording_url="https://api.zadarma.com/v1/pbx/record/request/?call_id=1764066030.123456"
+    )
     with_url = fields | {"recording_url": "https://records.example/1764066030.123456.mp3"}
     assert PARSE(urlencode(with_url).encode(), {}) == CallEvent(
         "recording", ANSWERED, recording_url="https://records.example/1764066030.123456.mp3"
     )
+    with pytest.raises(ValidationError) as caught:
+        PARSE(urlencode({k: v for k, v in fields.items() if k != "call_id_with_rec"}).encode(), {})
+    assert "call_id_with_rec" in caught.value.messages_dict
 
 
 def _request(method: str = "POST", headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> Any:
@@ -185,11 +188,16 @@ def test_answers_the_url_check_and_ignores_what_is_no_call_event() -> None:
     assert echo is not None and (echo.status, echo.body) == (200, b"a1b2c3")
     hostile = zadarma.answer(_request("GET", query={"zd_echo": "<script>"}), b"", SETTINGS)
     assert hostile is not None and hostile.status == 400
-    for ignored in ("answered/05_notify_record.form", "ivr.form"):
+    for ignored in ("answered/05_notify_record.form", "ivr.form"):  # a recording: no API key to ask for it
         found = zadarma.answer(_request(), body(ignored), SETTINGS)
         assert found is not None and found.status == 200
     recorded = form("answered/05_notify_record.form") | {"recording_url": "https://r.example/a.mp3"}
     assert zadarma.answer(_request(), urlencode(recorded).encode(), SETTINGS) is None
+    with_key = SETTINGS.with_overrides(vendor={"ZADARMA_API_SECRET": SECRET, "ZADARMA_API_KEY": "k"})
+    assert zadarma.answer(_request(), body("answered/05_notify_record.form"), with_key) is None
+    unnamed = {k: v for k, v in form("answered/05_notify_record.form").items() if k != "call_id_with_rec"}
+    found = zadarma.answer(_request(), urlencode(unnamed).encode(), with_key)
+    assert found is not None and found.status == 200
     assert zadarma.answer(_request(), body("answered/04_notify_end.form"), SETTINGS) is None
     assert zadarma.answer(_request(), b"\xff\xfe", SETTINGS) is None  # the parser names it
 
