@@ -28,7 +28,13 @@ from schemas.registry import SOURCES
 if TYPE_CHECKING:
     from tests.fake_bitrix24 import FakeBitrix24
 
-pytest_plugins = ["tests.fake_bitrix24", "tests.fake_vendor_api", "tests.fake_deepgram"]
+pytest_plugins = [
+    "tests.fake_bitrix24",
+    "tests.fake_vendor_api",
+    "tests.fake_deepgram",
+    "tests.fake_assemblyai",
+    "tests.fake_revai",
+]
 
 INBOUND_TOKEN = "test-inbound-token-7f3a"
 ADMIN_TOKEN = "test-admin-token-91c2"

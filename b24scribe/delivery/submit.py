@@ -5,19 +5,28 @@ A submitter sends one recording (by URL when the vendor can fetch it, else the d
 a callback URL that names the call and carries its credential (`b24scribe.callbacks`), and returns
 the vendor's job id. When an earlier attempt's answer was lost, `find` asks the vendor whether that
 submission arrived (by the marker it carried), so a retry never makes a second vendor job.
+
+Failure policy, the same for every vendor: a 429 waits for its Retry-After (no attempt spent), a 5xx
+or no connection is retried on the schedule, another 4xx is shown on the call and not retried, and
+an answer lost after the request went out is looked up with `find` before anything is sent again.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import mimetypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import quote, quote_plus, urlsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import requests
+from requests_toolbelt import MultipartEncoder
 
+from b24scribe.callbacks import callback_url, header_credential
 from b24scribe.settings import Settings
 
 DEFAULT_RETRY_AFTER_SECONDS = 30.0
@@ -64,7 +73,9 @@ class Submission:
 
 class Submitter(Protocol):
     name: str
-    userinfo: bool  # the callback's credential goes in the URL's userinfo (else `?token=`)
+    # the callback's credential goes in the URL's userinfo (else `?token=`, which a vendor that sends it
+    # back in a header of its own takes out of the URL: `b24scribe.callbacks.header_credential`)
+    userinfo: bool
 
     def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
         """Send the submission; the vendor's job id (a VendorError otherwise)."""
@@ -108,7 +119,7 @@ def classify(vendor: str, answer: requests.Response) -> VendorError:
     try:
         body = answer.json()
         if isinstance(body, dict):
-            parts = [body.get(k) for k in ("err_code", "err_msg", "error", "message", "detail")]
+            parts = [body.get(k) for k in ("err_code", "err_msg", "error", "message", "title", "detail")]
             detail = ": " + " ".join(str(p) for p in parts if isinstance(p, str | int))[:300]
     except ValueError:
         pass
@@ -232,4 +243,293 @@ class Deepgram:
             raise classify(self.name, answer)
 
 
-SUBMITTERS: dict[str, Submitter] = {submitter.name: submitter for submitter in (Deepgram(),)}
+def _get(
+    http: requests.Session,
+    vendor: str,
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    what: str,
+    params: dict[str, str] | None = None,
+    missing_ok: bool = False,
+) -> Any:
+    """A read-only GET's JSON (a VendorError otherwise: `what` names what could not be read; with
+    `missing_ok`, a 404 is None: a transcript deleted since it was listed)."""
+    try:
+        answer = http.get(url, params=params, headers=headers, timeout=(min(timeout, 10.0), timeout))
+    except requests.RequestException as error:
+        raise VendorUnavailable(f"{vendor}'s {what} could not be read ({type(error).__name__})") from None
+    if answer.status_code == 404 and missing_ok:
+        return None
+    if answer.status_code != 200:
+        raise classify(vendor, answer)
+    try:
+        return answer.json()
+    except ValueError:
+        raise VendorUnavailable(f"{vendor}'s {what} answered something that is not JSON") from None
+
+
+def _moment(text: object) -> float | None:
+    """A vendor's ISO 8601 time as a timestamp (one without a zone is UTC); None when unreadable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _the_call(settings: Settings, metadata: tuple[tuple[str, str], ...]) -> tuple[str, str, str]:
+    """The portal, PBX and PBX call id that a submission's metadata names."""
+    pairs = dict(metadata)
+    return (
+        pairs.get("b24scribe_portal") or settings.portal,
+        pairs.get("b24scribe_pbx", ""),
+        pairs.get("b24scribe_call", ""),
+    )
+
+
+def _credential(settings: Settings, vendor: str, url: str) -> tuple[str, str]:
+    """The callback URL without its credential, and the credential for the vendor's header."""
+    bare, secret = header_credential(settings, vendor, url)
+    if not secret:
+        raise VendorRejected(
+            "the callback has no credential: set B24SCRIBE_INBOUND_TOKEN (each call's credential is derived from it)"
+        )
+    return bare, secret
+
+
+class AssemblyAI:
+    """AssemblyAI `POST /v2/transcript` with `webhook_url` (AssemblyAI posts only the transcript id and
+    status there, with the header `webhook_auth_header_name: webhook_auth_header_value`; b24scribe then
+    fetches the transcript), `multichannel` for a stereo recording or `speaker_labels` for a mono one,
+    and `language_detection` (calls are in any language). Bytes go first to `POST /v2/upload`, whose
+    `upload_url` becomes the `audio_url`. AssemblyAI keeps no metadata: the webhook URL's query names
+    the call, and `find` looks for that URL among the transcripts made since the lost answer."""
+
+    name = "assemblyai"
+    userinfo = False
+    default_api = "https://api.assemblyai.com"
+    # the header the callback's credential comes back in: the one /hooks/stt/assemblyai reads
+    # (its source's auth_header), so the per-call credential opens the door before the body is read
+    auth_header = "X-B24scribe-Token"
+    # AssemblyAI requires `speech_models` (in order of preference; it has no default model and drops
+    # retired ones, e.g. universal-3-pro late in 2026); B24SCRIBE_ASSEMBLYAI_SPEECH_MODELS overrides
+    default_speech_models = ("assemblyai-stt-3-7", "universal-2")
+
+    def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
+        key = settings.vendor_setting(self.name, "api_key")
+        if not key:
+            raise VendorRejected("B24SCRIBE_ASSEMBLYAI_API_KEY is not set")
+        api = (settings.vendor_setting(self.name, "api_url") or self.default_api).rstrip("/")
+        return api, {"authorization": key}
+
+    def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
+        api, headers = self._api(settings)
+        webhook_url, secret = _credential(settings, self.name, submission.callback_url)
+        models = (settings.vendor_setting(self.name, "speech_models") or "").replace(",", " ").split()
+        audio_url = (
+            submission.url if submission.url is not None else self._upload(http, settings, api, headers, submission)
+        )
+        body: dict[str, Any] = {
+            "audio_url": audio_url,
+            "speech_models": models or list(self.default_speech_models),
+            "language_detection": True,
+            ("multichannel" if submission.channels == 2 else "speaker_labels"): True,
+            "webhook_url": webhook_url,
+            "webhook_auth_header_name": self.auth_header,
+            "webhook_auth_header_value": secret,
+        }
+        timeout = settings.vendor_timeout_seconds
+        answer = _post(http, self.name, f"{api}/v2/transcript", timeout, headers=headers, json=body)
+        if answer.status_code != 200:
+            raise classify(self.name, answer)
+        return _job_id(self.name, answer, "id")
+
+    def _upload(
+        self, http: requests.Session, settings: Settings, api: str, headers: dict[str, str], submission: Submission
+    ) -> str:
+        """Upload the recording, streamed from the file; its `upload_url`. A lost answer made no
+        transcript (only an upload nobody uses): the next attempt uploads again, without a look-up."""
+        assert submission.path is not None
+        timeout = settings.vendor_timeout_seconds
+        with submission.path.open("rb") as file:
+            try:
+                answer = _post(
+                    http,
+                    self.name,
+                    f"{api}/v2/upload",
+                    timeout,
+                    headers={**headers, "Content-Type": "application/octet-stream"},
+                    data=file,
+                )
+            except AnswerLost as error:
+                raise VendorUnavailable(f"{error} (the upload; nothing was submitted)") from None
+        if answer.status_code != 200:
+            raise classify(self.name, answer)
+        return _job_id(self.name, answer, "upload_url", VendorUnavailable)
+
+    def find(
+        self, http: requests.Session, settings: Settings, metadata: tuple[tuple[str, str], ...], since: float
+    ) -> str | None:
+        api, headers = self._api(settings)
+        timeout = settings.vendor_timeout_seconds
+        wanted = callback_url(settings, self.name, *_the_call(settings, metadata), "header")
+        for transcript_id in self._listed_since(http, api, headers, timeout, since - 60):
+            url = f"{api}/v2/transcript/{quote(transcript_id, safe='')}"
+            transcript = _get(http, self.name, url, headers, timeout, "transcript", missing_ok=True)
+            webhook_url = transcript.get("webhook_url") if isinstance(transcript, dict) else None
+            if isinstance(webhook_url, str) and _names_the_same_call(webhook_url, wanted):
+                return transcript_id
+        return None
+
+    def _listed_since(
+        self, http: requests.Session, api: str, headers: dict[str, str], timeout: float, since: float
+    ) -> Iterator[str]:
+        """The ids of the transcripts made since `since`, newest first, page by page (`before_id`:
+        the next page is asked of the configured API, never of a URL the answer names)."""
+        params = {"limit": "200"}
+        while True:
+            page = _get(http, self.name, f"{api}/v2/transcript", headers, timeout, "transcript list", params)
+            listed = page.get("transcripts") if isinstance(page, dict) else None
+            if not isinstance(listed, list):
+                raise VendorUnavailable("assemblyai's transcript list answered unexpected JSON")
+            last = None
+            for item in listed:
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                    continue
+                created = _moment(item.get("created"))
+                if created is not None and created < since:
+                    return  # newest first: the rest are older still
+                last = str(item["id"])
+                yield last
+            if last is None or len(listed) < int(params["limit"]):
+                return
+            params = {"limit": params["limit"], "before_id": last}
+
+    def check(self, http: requests.Session, settings: Settings) -> None:
+        api, headers = self._api(settings)
+        timeout = settings.vendor_timeout_seconds
+        _get(http, self.name, f"{api}/v2/transcript", headers, timeout, "transcript list", {"limit": "1"})
+
+
+class RevAI:
+    """Rev.ai `POST /speechtotext/v1/jobs` with `notification_config` (Rev.ai posts the job there, with
+    `auth_headers` {"Authorization": "Bearer <credential>"}; b24scribe then fetches the transcript),
+    `speaker_channels_count=2` for a stereo recording (also put on the callback URL, so the fetched
+    monologues' speakers read as channels) and Rev.ai's own diarization for a mono one. A URL goes as
+    `source_config.url`, bytes as the multipart `media` field beside the `options` JSON. The call goes
+    in `metadata` as `pbx=…&call=…` (what /hooks/stt/revai reads back), which `find` matches in the
+    job list."""
+
+    name = "revai"
+    userinfo = False
+    default_api = "https://api.rev.ai"
+    max_metadata = 512  # characters, Rev.ai's limit
+
+    def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
+        key = settings.vendor_setting(self.name, "api_key")
+        if not key:
+            raise VendorRejected("B24SCRIBE_REVAI_API_KEY is not set")
+        api = (settings.vendor_setting(self.name, "api_url") or self.default_api).rstrip("/")
+        return f"{api}/speechtotext/v1", {"Authorization": f"Bearer {key}"}
+
+    def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
+        api, headers = self._api(settings)
+        notify_url, secret = _credential(settings, self.name, submission.callback_url)
+        options: dict[str, Any] = {"metadata": self._metadata(submission.metadata)}
+        if submission.channels == 2:
+            options["speaker_channels_count"] = 2
+            notify_url = _with_query(notify_url, speaker_channels_count="2")
+        options["notification_config"] = {"url": notify_url, "auth_headers": {"Authorization": f"Bearer {secret}"}}
+        timeout = settings.vendor_timeout_seconds
+        if submission.url is not None:
+            body = {**options, "source_config": {"url": submission.url}}
+            answer = _post(http, self.name, f"{api}/jobs", timeout, headers=headers, json=body)
+        else:
+            assert submission.path is not None
+            with submission.path.open("rb") as file:
+                media_type = submission.content_type or "audio/wav"
+                media = (_media_filename(media_type), file, media_type)
+                encoder = MultipartEncoder(fields=[("media", media), ("options", json.dumps(options))])
+                upload = {**headers, "Content-Type": encoder.content_type, "Content-Length": str(encoder.len)}
+                answer = _post(http, self.name, f"{api}/jobs", timeout, headers=upload, data=encoder)
+        if answer.status_code != 200:
+            raise classify(self.name, answer)
+        return _job_id(self.name, answer, "id")
+
+    def _metadata(self, metadata: tuple[tuple[str, str], ...]) -> str:
+        """The call as the job's metadata: `pbx=…&call=…` (and `portal=…`), the keys /hooks/stt/revai reads."""
+        text = urlencode([(key.removeprefix("b24scribe_"), value) for key, value in metadata])
+        if len(text) > self.max_metadata:
+            raise VendorRejected(f"the call's reference is longer than Rev.ai's {self.max_metadata}-character metadata")
+        return text
+
+    def find(
+        self, http: requests.Session, settings: Settings, metadata: tuple[tuple[str, str], ...], since: float
+    ) -> str | None:
+        api, headers = self._api(settings)
+        timeout = settings.vendor_timeout_seconds
+        wanted = dict(parse_qsl(self._metadata(metadata)))
+        params = {"limit": "1000"}
+        while True:
+            jobs = _get(http, self.name, f"{api}/jobs", headers, timeout, "job list", params)
+            if not isinstance(jobs, list):
+                raise VendorUnavailable("revai's job list answered unexpected JSON")
+            last = None
+            for job in jobs:
+                if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+                    continue
+                created = _moment(job.get("created_on"))
+                if created is not None and created < since - 60:
+                    return None  # newest first: the rest are older still
+                last = str(job["id"])
+                found = job.get("metadata")
+                if isinstance(found, str) and dict(parse_qsl(found)) == wanted:
+                    return last
+            if last is None or len(jobs) < int(params["limit"]):
+                return None
+            params = {"limit": params["limit"], "starting_after": last}
+
+    def check(self, http: requests.Session, settings: Settings) -> None:
+        api, headers = self._api(settings)
+        _get(http, self.name, f"{api}/account", headers, settings.vendor_timeout_seconds, "account")
+
+
+def _job_id(vendor: str, answer: requests.Response, key: str, missing: type[VendorError] = AnswerLost) -> str:
+    """The id (or URL) a vendor's 200 answer names under `key`. Without it, `missing`: by default the
+    answer is as good as lost (the vendor took the submission: look it up before sending it again)."""
+    try:
+        value = answer.json()[key]
+    except (ValueError, KeyError, TypeError):
+        value = None
+    if not isinstance(value, str) or not value:
+        raise missing(f"{vendor} answered HTTP {answer.status_code} without {key}")
+    return value
+
+
+def _media_filename(media_type: str) -> str:
+    """A name for the uploaded file by its type (the downloaded file's own name is a temporary `….part`)."""
+    known = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/mpeg": ".mp3"}
+    extension = known.get(media_type.lower()) or mimetypes.guess_extension(media_type) or ""
+    return "recording" + ("" if extension == ".bin" else extension)
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = [*parse_qsl(parts.query, keep_blank_values=True), *params.items()]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def _names_the_same_call(url: str, wanted: str) -> bool:
+    """Whether a vendor-kept callback URL is this service's callback for the call `wanted` names:
+    the same host and path, and the same pbx, call and portal in its query."""
+    given, expected = urlsplit(url), urlsplit(wanted)
+    if (given.hostname, given.port, given.path) != (expected.hostname, expected.port, expected.path):
+        return False
+    given_query, expected_query = dict(parse_qsl(given.query)), dict(parse_qsl(expected.query))
+    return all(given_query.get(name) == expected_query.get(name) for name in ("pbx", "call", "portal"))
+
+
+SUBMITTERS: dict[str, Submitter] = {submitter.name: submitter for submitter in (Deepgram(), AssemblyAI(), RevAI())}
