@@ -54,21 +54,19 @@ def credential_for(settings: Settings, vendor: str, query: dict[str, str]) -> st
 
 
 def callback_url(
-    settings: Settings, vendor: str, portal: str, pbx: str, pbx_call_id: str, credential: CredentialPlace | bool
+    settings: Settings, vendor: str, portal: str, pbx: str, pbx_call_id: str, credential: CredentialPlace
 ) -> str:
     """The URL the vendor calls back: `/hooks/stt/<vendor>?pbx=…&call=…`, with the credential as Basic
     credentials in the URL ("userinfo", Deepgram's way), as `?token=` ("query", vendors that keep the
-    URL and send nothing else back) or nowhere in it ("header": see `header_credential`). True and
-    False are "userinfo" and "query" (a submitter's `userinfo` flag)."""
+    URL and send nothing else back) or nowhere in it ("header": see `header_credential`)."""
     assert settings.public_url is not None, "B24SCRIBE_TRANSCRIBE_WITH needs B24SCRIBE_PUBLIC_URL (settings check)"
-    place = credential if isinstance(credential, str) else "userinfo" if credential else "query"
     secret = callback_secret(settings, vendor, portal, pbx, pbx_call_id) or ""
     query = callback_query(settings, portal, pbx, pbx_call_id)
     base = urlsplit(f"{settings.public_url}/hooks/stt/{vendor}")
     netloc = base.netloc
-    if place == "userinfo":
+    if credential == "userinfo":
         netloc = f"{CREDENTIAL_USER}:{quote(secret, safe='')}@{base.netloc}"
-    elif place == "query":
+    elif credential == "query":
         query["token"] = secret
     return urlunsplit((base.scheme, netloc, base.path, urlencode(query), ""))
 

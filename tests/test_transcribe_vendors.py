@@ -281,7 +281,7 @@ def test_a_recording_the_vendor_can_fetch_goes_by_url_and_the_vendor_reads_those
     )
     url = recordings.add("rec-u", 150_000)
     metadata = (("b24scribe_pbx", "generic"), ("b24scribe_call", "1700000000.3"))
-    target = callback_url(configured, vendor, configured.portal, "generic", "1700000000.3", False)
+    target = callback_url(configured, vendor, configured.portal, "generic", "1700000000.3", "query")
     with requests.Session() as http:
         taken = SUBMITTERS[vendor].submit(http, configured, Submission(metadata, target, 2, url=url))
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlu
 import requests
 from requests_toolbelt import MultipartEncoder
 
-from b24scribe.callbacks import callback_url, header_credential
+from b24scribe.callbacks import CredentialPlace, callback_url, header_credential
 from b24scribe.settings import Settings
 
 DEFAULT_RETRY_AFTER_SECONDS = 30.0
@@ -73,9 +73,9 @@ class Submission:
 
 class Submitter(Protocol):
     name: str
-    # the callback's credential goes in the URL's userinfo (else `?token=`, which a vendor that sends it
-    # back in a header of its own takes out of the URL: `b24scribe.callbacks.header_credential`)
-    userinfo: bool
+    # where the callback's credential travels: in the URL's userinfo (Deepgram sends it back as Basic
+    # credentials), or in a header of the vendor's own ("header": the URL then carries none)
+    credential: CredentialPlace
 
     def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
         """Send the submission; the vendor's job id (a VendorError otherwise)."""
@@ -154,7 +154,7 @@ class Deepgram:
     project's request log, where `find` looks for it."""
 
     name = "deepgram"
-    userinfo = True
+    credential: CredentialPlace = "userinfo"
     default_api = "https://api.deepgram.com"
 
     def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
@@ -309,7 +309,7 @@ class AssemblyAI:
     the call, and `find` looks for that URL among the transcripts made since the lost answer."""
 
     name = "assemblyai"
-    userinfo = False
+    credential: CredentialPlace = "header"
     default_api = "https://api.assemblyai.com"
     # the header the callback's credential comes back in: the one /hooks/stt/assemblyai reads
     # (its source's auth_header), so the per-call credential opens the door before the body is read
@@ -424,7 +424,7 @@ class RevAI:
     job list."""
 
     name = "revai"
-    userinfo = False
+    credential: CredentialPlace = "header"
     default_api = "https://api.rev.ai"
     max_metadata = 512  # characters, Rev.ai's limit
 

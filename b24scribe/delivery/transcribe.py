@@ -113,7 +113,7 @@ class Transcriptions:
         settings = self.settings
         url = call.recording_url or ""
         target = callback_url(
-            settings, submitter.name, call.portal, call.pbx or "", call.pbx_call_id or "", submitter.userinfo
+            settings, submitter.name, call.portal, call.pbx or "", call.pbx_call_id or "", submitter.credential
         )
         channels = 2 if call.recording_channels == 2 else 1
         source = self.sources.pbx.get(call.pbx or "")
