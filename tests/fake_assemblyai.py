@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.error
-import urllib.request
 import uuid
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+
+from tests.fake_vendor_callbacks import AUDIO_OPENER, FakeVendorWithCallbacks, QuietHandler, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "assemblyai"
 _ERRORS = {  # AssemblyAI's Error bodies ({"error": …}) for the statuses a test is likely to ask for
@@ -48,16 +46,6 @@ _ERRORS = {  # AssemblyAI's Error bodies ({"error": …}) for the statuses a tes
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_NO_PROXY = urllib.request.ProxyHandler({})  # tests talk to 127.0.0.1 whatever http_proxy says
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx to a webhook is an answer outside 200-299, not a place to go
-
-
-_AUDIO_OPENER = urllib.request.build_opener(_NO_PROXY)
-_CALLBACK_OPENER = urllib.request.build_opener(_NO_PROXY, _NoRedirect)
 
 
 @dataclass
@@ -107,13 +95,6 @@ class CallbackAttempt:
         return json.loads(self.body)
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 def _error(status: int, message: str | None = None) -> dict[str, Any]:
     return {"error": message or _ERRORS.get(status, f"HTTP {status}"), "status": "error"}
 
@@ -123,121 +104,52 @@ def _created(moment: float) -> str:
 
 
 @dataclass
-class FakeAssemblyAI:
+class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     """AssemblyAI's upload, transcript and list endpoints with webhooks; records what it was sent and did."""
 
     api_key: str = "aai-test-key"
-    callback_delay: float = 0.2
-    callback_retries: int = 3  # attempts after the first while the answer is neither 2xx nor 4xx
-    callback_retry_interval: float = 0.2
     uploads: list[Upload] = field(default_factory=list)
-    submissions: list[Submission] = field(default_factory=list)
-    callbacks: list[CallbackAttempt] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: deque[tuple[int, int | None]] = deque()
-        self._drops = 0
+        super().__post_init__()
         self._uploaded: dict[str, bytes] = {}
-        self._released = threading.Event()
-        self._released.set()
-        self._stopping = threading.Event()
-        self._workers: list[threading.Thread] = []
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def fail_next(self, status: int, times: int = 1, retry_after: int | None = None) -> None:
-        """Answer the next `times` authenticated `POST /v2/transcript` with `status` and AssemblyAI's error body."""
-        with self._lock:
-            self._failures.extend([(status, retry_after)] * times)
-
-    def drop_after_accept(self, times: int = 1) -> None:
-        """Take the next `times` submissions (they will call back) but close the connection unanswered."""
-        with self._lock:
-            self._drops += times
-
-    def hold_callbacks(self) -> None:
-        """Keep every webhook waiting until release_callbacks()."""
-        self._released.clear()
-
-    def release_callbacks(self) -> None:
-        self._released.set()
-
-    def wait_for_callbacks(self, count: int = 1, timeout: float = 5.0) -> list[CallbackAttempt]:
-        """The webhook attempts, once there are at least `count` of them."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.callbacks) >= count:
-                    return list(self.callbacks)
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} webhook attempt(s) within {timeout} s, got {len(self.callbacks)}")
 
     def start(self) -> FakeAssemblyAI:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 path = urlsplit(self.path).path
                 if path == "/v2/upload":
-                    reply: _Reply | None = fake.upload(headers, body)
+                    reply: Reply | None = fake.upload(headers, body)
                 elif path == "/v2/transcript":
                     reply = fake.create(headers, body)
                 else:
-                    reply = _Reply(404, _error(404, "Not found"))
+                    reply = Reply(404, _error(404, "Not found"))
                 if reply is not None:
-                    self._send(reply)  # else: drop the connection; the client sees no answer
+                    self.send_reply(reply)  # else: drop the connection; the client sees no answer
 
             def do_GET(self) -> None:  # noqa: N802
-                self._send(fake.read(self.path, self.headers.get("authorization")))
+                self.send_reply(fake.read(self.path, self.headers.get("authorization")))
 
-            def _send(self, reply: _Reply) -> None:
-                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._released.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-        for worker in self._workers:
-            worker.join(timeout=2)
+        return self._serve(Handler)
 
     # --- uploads and submissions ------------------------------------------------------------------
 
-    def upload(self, headers: Mapping[str, str], body: bytes) -> _Reply:
+    def upload(self, headers: Mapping[str, str], body: bytes) -> Reply:
         if headers.get("authorization") != self.api_key:
-            return _Reply(401, _error(401))
+            return Reply(401, _error(401))
         if not body:
-            return _Reply(400, _error(400, "Upload failed: the request has no file content"))
+            return Reply(400, _error(400, "Upload failed: the request has no file content"))
         upload_url = f"{self.url}/upload/{uuid.uuid4()}"
         with self._lock:
             self._uploaded[upload_url] = body
             self.uploads.append(Upload(upload_url, len(body), hashlib.sha256(body).hexdigest()))
-        return _Reply(200, {"upload_url": upload_url})
+        return Reply(200, {"upload_url": upload_url})
 
-    def create(self, headers: Mapping[str, str], body: bytes) -> _Reply | None:
+    def create(self, headers: Mapping[str, str], body: bytes) -> Reply | None:
         """Record a submission and answer it (None: close the connection without an answer)."""
         try:
             parsed = json.loads(body)
@@ -255,40 +167,30 @@ class FakeAssemblyAI:
         if reply is not None:
             submission.answered = reply.status
             return reply
-        with self._lock:
-            dropped = self._drops > 0
-            self._drops -= 1 if dropped else 0
-        submission.accepted = True
-        submission.answered = None if dropped else 200
-        worker = threading.Thread(target=self._process, args=(submission,), daemon=True)
-        self._workers.append(worker)
-        worker.start()
-        return None if dropped else _Reply(200, self.transcript(submission))
+        dropped = self._accept(submission)
+        return None if dropped else Reply(200, self.transcript(submission))
 
-    def _refusal(self, submission: Submission, parsed: Any) -> _Reply | None:
+    def _refusal(self, submission: Submission, parsed: Any) -> Reply | None:
         """Why this submission is not taken, as AssemblyAI would answer it; None to take it."""
         if submission.authorization != self.api_key:
-            return _Reply(401, _error(401))
-        with self._lock:
-            failure = self._failures.popleft() if self._failures else None
+            return Reply(401, _error(401))
+        failure = self._queued_failure(_error)
         if failure is not None:
-            status, retry_after = failure
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return _Reply(status, _error(status), headers)
+            return failure
         if not isinstance(parsed, dict):
-            return _Reply(400, _error(400, "Invalid JSON body"))
+            return Reply(400, _error(400, "Invalid JSON body"))
         if not isinstance(parsed.get("audio_url"), str) or not parsed["audio_url"]:
-            return _Reply(400, _error(400, "audio_url is required"))
+            return Reply(400, _error(400, "audio_url is required"))
         models = parsed.get("speech_models")
         if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
-            return _Reply(400, _error(400, "speech_models must be a non-empty list of model names"))
+            return Reply(400, _error(400, "speech_models must be a non-empty list of model names"))
         for name in ("multichannel", "speaker_labels", "language_detection"):
             if name in parsed and not isinstance(parsed[name], bool):
-                return _Reply(400, _error(400, f"{name} must be a Boolean"))
+                return Reply(400, _error(400, f"{name} must be a Boolean"))
         if ("webhook_auth_header_name" in parsed) != ("webhook_auth_header_value" in parsed):
-            return _Reply(400, _error(400, "webhook_auth_header_name and webhook_auth_header_value go together"))
+            return Reply(400, _error(400, "webhook_auth_header_name and webhook_auth_header_value go together"))
         if not isinstance(parsed.get("webhook_url"), str):
-            return _Reply(400, _error(400, "This fake only transcribes with a webhook_url."))
+            return Reply(400, _error(400, "This fake only transcribes with a webhook_url."))
         return None
 
     def _process(self, submission: Submission) -> None:
@@ -305,27 +207,15 @@ class FakeAssemblyAI:
         name, value = submission.body.get("webhook_auth_header_name"), submission.body.get("webhook_auth_header_value")
         if isinstance(name, str) and isinstance(value, str):
             headers[name] = value
-        for attempt in range(1 + self.callback_retries):
-            if attempt and self._stopping.wait(self.callback_retry_interval):
-                return
-            self._released.wait()  # stop() sets it too
-            if self._stopping.is_set():
-                return
-            request = urllib.request.Request(url, data=data, method="POST", headers=headers)
-            status: int | None
-            try:
-                with _CALLBACK_OPENER.open(request, timeout=5) as response:
-                    status = response.status
-            except urllib.error.HTTPError as error:
-                status = error.code
-            except (OSError, ValueError):
-                status = None
-            with self._lock:
-                self.callbacks.append(
-                    CallbackAttempt(submission.transcript_id, url, dict(headers), data, status, time.time())
-                )
-            if status is not None and 200 <= status < 500:
-                return  # delivered, or failed for good (AssemblyAI does not retry a 4xx)
+
+        def attempt(status: int | None, moment: float) -> CallbackAttempt:
+            return CallbackAttempt(submission.transcript_id, url, dict(headers), data, status, moment)
+
+        self._deliver(url, data, headers, attempt)
+
+    def _ends_delivery(self, status: int) -> bool:
+        """A 2xx delivers the webhook and a 4xx fails it for good: AssemblyAI retries neither."""
+        return 200 <= status < 500
 
     def _read_audio(self, submission: Submission) -> None:
         audio_url = submission.body["audio_url"]
@@ -334,7 +224,7 @@ class FakeAssemblyAI:
         submission.from_upload = audio is not None
         if audio is None:
             try:
-                with _AUDIO_OPENER.open(audio_url, timeout=5) as response:
+                with AUDIO_OPENER.open(audio_url, timeout=5) as response:
                     audio = response.read()
             except (OSError, ValueError) as error:
                 reason = f"HTTP {error.code}" if isinstance(error, urllib.error.HTTPError) else type(error).__name__
@@ -347,10 +237,10 @@ class FakeAssemblyAI:
 
     # --- reading transcripts ----------------------------------------------------------------------
 
-    def read(self, path: str, authorization: str | None) -> _Reply:
+    def read(self, path: str, authorization: str | None) -> Reply:
         """`GET /v2/transcript/{id}` and `GET /v2/transcript` (the list)."""
         if authorization != self.api_key:
-            return _Reply(401, _error(401))
+            return Reply(401, _error(401))
         parts = urlsplit(path)
         if parts.path == "/v2/transcript":
             return self._list(dict(parse_qsl(parts.query)))
@@ -359,9 +249,9 @@ class FakeAssemblyAI:
             with self._lock:
                 found = [s for s in self.submissions if s.accepted and s.transcript_id == transcript_id]
             if found:
-                return _Reply(200, self.transcript(found[0]))
-            return _Reply(404, _error(404, "Transcript not found"))
-        return _Reply(404, _error(404, "Not found"))
+                return Reply(200, self.transcript(found[0]))
+            return Reply(404, _error(404, "Transcript not found"))
+        return Reply(404, _error(404, "Not found"))
 
     def transcript(self, submission: Submission) -> dict[str, Any]:
         """The transcript as `GET /v2/transcript/{id}` shows it now."""
@@ -395,20 +285,20 @@ class FakeAssemblyAI:
             shown["webhook_status_code"] = delivered[-1]
         return shown
 
-    def _list(self, query: dict[str, str]) -> _Reply:
+    def _list(self, query: dict[str, str]) -> Reply:
         try:
             limit = int(query.get("limit", "10"))
         except ValueError:
-            return _Reply(400, _error(400, "limit must be an integer"))
+            return Reply(400, _error(400, "limit must be an integer"))
         if not 1 <= limit <= 200:
-            return _Reply(400, _error(400, "limit must be between 1 and 200"))
+            return Reply(400, _error(400, "limit must be between 1 and 200"))
         with self._lock:
             newest_first = [s for s in reversed(self.submissions) if s.accepted]
         before = query.get("before_id")
         if before is not None:
             ids = [s.transcript_id for s in newest_first]
             if before not in ids:
-                return _Reply(400, _error(400, "before_id is not a transcript of this account"))
+                return Reply(400, _error(400, "before_id is not a transcript of this account"))
             newest_first = newest_first[ids.index(before) + 1 :]
         page = newest_first[:limit]
         base = f"{self.url}/v2/transcript?limit={limit}"
@@ -431,7 +321,7 @@ class FakeAssemblyAI:
             "prev_url": f"{base}&before_id={page[-1].transcript_id}" if page else None,
             "next_url": f"{base}&after_id={page[0].transcript_id}" if page else None,
         }
-        return _Reply(200, {"page_details": details, "transcripts": items})
+        return Reply(200, {"page_details": details, "transcripts": items})
 
 
 @pytest.fixture

@@ -20,21 +20,19 @@ import base64
 import hashlib
 import json
 import string
-import threading
 import time
 import urllib.error
-import urllib.request
 import uuid
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import pytest
+
+from tests.fake_vendor_callbacks import AUDIO_OPENER, FakeVendorWithCallbacks, QuietHandler, Reply
 
 Line = tuple[int, float, float, str]  # (channel or speaker index, start, end, text)
 
@@ -54,16 +52,6 @@ _ERRORS = {  # Deepgram's documented bodies for the statuses a test is likely to
     429: ("TOO_MANY_REQUESTS", "Too many requests. Please try again later"),
 }
 _PUNCTUATION = string.punctuation.replace("'", "")
-_NO_PROXY = urllib.request.ProxyHandler({})  # tests talk to 127.0.0.1 whatever http_proxy says
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx to a callback is an answer outside 200-299, not a place to go
-
-
-_AUDIO_OPENER = urllib.request.build_opener(_NO_PROXY)
-_CALLBACK_OPENER = urllib.request.build_opener(_NO_PROXY, _NoRedirect)
 
 
 @dataclass
@@ -99,13 +87,6 @@ class CallbackAttempt:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-@dataclass
-class _Reply:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _error(status: int, request_id: str | None, message: str | None = None) -> dict[str, Any]:
@@ -213,70 +194,23 @@ def build_result(
 
 
 @dataclass
-class FakeDeepgram:
+class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     """Deepgram's /v1/listen with callbacks and its request log; records what it was sent and did."""
 
     api_key: str = "dg-test-key"
     project_id: str = "5e7b3c1a-2f4d-4b6e-9a8c-1d0f2e3b4a5c"
     api_key_id: str = "c0ffee00-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
     script: list[Line] = field(default_factory=lambda: list(DEFAULT_SCRIPT))
-    callback_delay: float = 0.2
     answer_delay: float = 0.0  # seconds before /v1/listen answers a submission it took
-    callback_retries: int = 3  # attempts after the first while the answer is not 2xx
-    callback_retry_interval: float = 0.2
-    submissions: list[Submission] = field(default_factory=list)
-    callbacks: list[CallbackAttempt] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: deque[tuple[int, int | None]] = deque()
-        self._drops = 0
-        self._released = threading.Event()
-        self._released.set()
-        self._stopping = threading.Event()
-        self._workers: list[threading.Thread] = []
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def fail_next(self, status: int, times: int = 1, retry_after: int | None = None) -> None:
-        """Answer the next `times` authenticated /v1/listen requests with `status` and Deepgram's error body."""
-        with self._lock:
-            self._failures.extend([(status, retry_after)] * times)
-
-    def drop_after_accept(self, times: int = 1) -> None:
-        """Accept the next `times` submissions (they will call back) but close the connection unanswered."""
-        with self._lock:
-            self._drops += times
-
-    def hold_callbacks(self) -> None:
-        """Keep every callback waiting until release_callbacks()."""
-        self._released.clear()
-
-    def release_callbacks(self) -> None:
-        self._released.set()
-
-    def wait_for_callbacks(self, count: int = 1, timeout: float = 5.0) -> list[CallbackAttempt]:
-        """The callback attempts, once there are at least `count` of them."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.callbacks) >= count:
-                    return list(self.callbacks)
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} callback attempt(s) within {timeout} s, got {len(self.callbacks)}")
 
     def start(self) -> FakeDeepgram:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if urlsplit(self.path).path != "/v1/listen":
-                    return self._send(_Reply(404, _error(404, None)))
+                    return self._send(Reply(404, _error(404, None)))
                 reply = fake.listen(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 if reply is not None:
                     self._send(reply)  # else: drop the connection; the client sees no answer
@@ -284,38 +218,16 @@ class FakeDeepgram:
             def do_GET(self) -> None:  # noqa: N802
                 self._send(fake.manage(self.path, self.headers.get("Authorization")))
 
-            def _send(self, reply: _Reply) -> None:
-                data = json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+            def _send(self, reply: Reply) -> None:
                 if "request_id" in reply.body:
-                    self.send_header("dg-request-id", reply.body["request_id"])
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                    reply.headers = {"dg-request-id": reply.body["request_id"], **reply.headers}
+                self.send_reply(reply)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._released.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-        for worker in self._workers:
-            worker.join(timeout=2)
+        return self._serve(Handler)
 
     # --- /v1/listen -------------------------------------------------------------------------------
 
-    def listen(self, path: str, headers: Mapping[str, str], body: bytes) -> _Reply | None:
+    def listen(self, path: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
         """Record a submission and answer it (None: close the connection without an answer)."""
         pairs = parse_qsl(urlsplit(path).query, keep_blank_values=True)
         extra = dict(value.partition(":")[::2] for key, value in pairs if key == "extra" and ":" in value)
@@ -335,29 +247,19 @@ class FakeDeepgram:
         if reply is not None:
             submission.answered = reply.status
             return reply
-        with self._lock:
-            dropped = self._drops > 0
-            self._drops -= 1 if dropped else 0
-        submission.accepted = True
-        submission.answered = None if dropped else 200
-        worker = threading.Thread(target=self._process, args=(submission,), daemon=True)
-        self._workers.append(worker)
-        worker.start()
+        dropped = self._accept(submission)
         if self.answer_delay:  # the submission is taken (it will call back); the answer is slow
             self._stopping.wait(self.answer_delay)
-        return None if dropped else _Reply(200, {"request_id": submission.request_id})
+        return None if dropped else Reply(200, {"request_id": submission.request_id})
 
-    def _refusal(self, submission: Submission, body: bytes) -> _Reply | None:
+    def _refusal(self, submission: Submission, body: bytes) -> Reply | None:
         """Why this submission is not accepted, as Deepgram would answer it; None to accept it."""
         request_id = submission.request_id
         if submission.authorization != f"Token {self.api_key}":
-            return _Reply(401, _error(401, request_id))
-        with self._lock:
-            failure = self._failures.popleft() if self._failures else None
+            return Reply(401, _error(401, request_id))
+        failure = self._queued_failure(lambda status: _error(status, request_id))
         if failure is not None:
-            status, retry_after = failure
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return _Reply(status, _error(status, request_id), headers)
+            return failure
         if submission.body_kind == "url":
             try:
                 url = json.loads(body)["url"]
@@ -365,14 +267,14 @@ class FakeDeepgram:
                 url = None
             if not isinstance(url, str) or not url:
                 message = "Content-type was application/json, but we could not process the JSON payload."
-                return _Reply(400, _error(400, request_id, message))
+                return Reply(400, _error(400, request_id, message))
             submission.audio_url = url
         elif not body:
-            return _Reply(400, _error(400, request_id))
+            return Reply(400, _error(400, request_id))
         else:
             submission.audio_size, submission.audio_sha256 = len(body), hashlib.sha256(body).hexdigest()
         if not submission.query.get("callback"):
-            return _Reply(400, _error(400, request_id, "This fake only transcribes with callback=URL."))
+            return Reply(400, _error(400, request_id, "This fake only transcribes with callback=URL."))
         return None
 
     def _process(self, submission: Submission) -> None:
@@ -383,36 +285,20 @@ class FakeDeepgram:
         url, authorization = strip_userinfo(submission.query["callback"])
         method = "PUT" if submission.query.get("callback_method", "").lower() == "put" else "POST"
         data = json.dumps(result).encode()
-        for attempt in range(1 + self.callback_retries):
-            if attempt and self._stopping.wait(self.callback_retry_interval):
-                return
-            self._released.wait()  # stop() sets it too
-            if self._stopping.is_set():
-                return
-            request = urllib.request.Request(url, data=data, method=method)
-            request.add_header("Content-Type", "application/json")
-            if authorization:
-                request.add_header("Authorization", authorization)
-            status: int | None
-            try:
-                with _CALLBACK_OPENER.open(request, timeout=5) as response:
-                    status = response.status
-            except urllib.error.HTTPError as error:
-                status = error.code
-            except OSError:
-                status = None
-            with self._lock:
-                self.callbacks.append(
-                    CallbackAttempt(submission.request_id, url, method, authorization, data, status, time.time())
-                )
-            if status is not None and 200 <= status < 300:
-                return
+        headers = {"Content-Type": "application/json"}
+        if authorization:
+            headers["Authorization"] = authorization
+
+        def attempt(status: int | None, moment: float) -> CallbackAttempt:
+            return CallbackAttempt(submission.request_id, url, method, authorization, data, status, moment)
+
+        self._deliver(url, data, headers, attempt, method)
 
     def _transcribe(self, submission: Submission) -> dict[str, Any]:
         """The scripted result, or Deepgram's error body when the remote audio cannot be fetched."""
         if submission.audio_url is not None:
             try:
-                with _AUDIO_OPENER.open(submission.audio_url, timeout=5) as response:
+                with AUDIO_OPENER.open(submission.audio_url, timeout=5) as response:
                     audio = response.read()
             except (OSError, ValueError) as error:
                 reason = f"HTTP {error.code}" if isinstance(error, urllib.error.HTTPError) else type(error).__name__
@@ -429,24 +315,24 @@ class FakeDeepgram:
 
     # --- management API ---------------------------------------------------------------------------
 
-    def manage(self, path: str, authorization: str | None) -> _Reply:
+    def manage(self, path: str, authorization: str | None) -> Reply:
         """`GET /v1/projects` and `GET /v1/projects/{id}/requests`."""
         parts = urlsplit(path)
         segments = parts.path.strip("/").split("/")
         if authorization != f"Token {self.api_key}":
-            return _Reply(401, _error(401, str(uuid.uuid4())))
+            return Reply(401, _error(401, str(uuid.uuid4())))
         if segments == ["v1", "projects"]:
-            return _Reply(200, {"projects": [{"project_id": self.project_id, "name": "b24scribe-test"}]})
+            return Reply(200, {"projects": [{"project_id": self.project_id, "name": "b24scribe-test"}]})
         if len(segments) == 4 and segments[:2] == ["v1", "projects"] and segments[3] == "requests":
             if segments[2] != self.project_id:
-                return _Reply(404, {"err_code": "PROJECT_NOT_FOUND", "err_msg": "Project not found."})
+                return Reply(404, {"err_code": "PROJECT_NOT_FOUND", "err_msg": "Project not found."})
             try:
                 return self._request_log(dict(parse_qsl(parts.query)))
             except ValueError as error:  # `start`/`end` not ISO 8601, `limit`/`page` not numbers or out of range
-                return _Reply(400, _error(400, str(uuid.uuid4()), f"Invalid query: {error}"))
-        return _Reply(404, _error(404, None))
+                return Reply(400, _error(400, str(uuid.uuid4()), f"Invalid query: {error}"))
+        return Reply(404, _error(404, None))
 
-    def _request_log(self, query: dict[str, str]) -> _Reply:
+    def _request_log(self, query: dict[str, str]) -> Reply:
         start, end = _parse_time(query.get("start")), _parse_time(query.get("end"))
         limit, page = int(float(query.get("limit", "10"))), int(float(query.get("page", "0")))
         if not 1 <= limit <= 1000 or page < 0:
@@ -463,7 +349,7 @@ class FakeDeepgram:
             if query.get("request_id", submission.request_id) == submission.request_id:
                 entries.append(self._log_entry(submission, code))
         page_entries = entries[page * limit : (page + 1) * limit]
-        return _Reply(200, {"page": page, "limit": limit, "requests": page_entries})
+        return Reply(200, {"page": page, "limit": limit, "requests": page_entries})
 
     def _log_entry(self, submission: Submission, code: int) -> dict[str, Any]:
         details = {"usd": 0.0, "method": "async", "models": [MODEL_ID]}

@@ -25,23 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.error
-import urllib.request
 import uuid
-from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+
+from tests.fake_vendor_callbacks import AUDIO_OPENER, FakeVendorWithCallbacks, QuietHandler, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "revai"
 TRANSCRIPT_MEDIA_TYPE = "application/vnd.rev.transcript.v1.0+json"
@@ -54,16 +52,6 @@ _TITLES = {
     409: "Job is in invalid state",
     429: "Too Many Requests",
 }
-_NO_PROXY = urllib.request.ProxyHandler({})  # tests talk to 127.0.0.1 whatever http_proxy says
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx to a notification is an answer other than 200, not a place to go
-
-
-_AUDIO_OPENER = urllib.request.build_opener(_NO_PROXY)
-_CALLBACK_OPENER = urllib.request.build_opener(_NO_PROXY, _NoRedirect)
 
 
 @dataclass
@@ -112,20 +100,13 @@ class CallbackAttempt:
         return json.loads(self.body)
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 def _problem(status: int, **more: Any) -> dict[str, Any]:
     """Rev.ai's problem details (RFC 7807) body."""
     return {"title": _TITLES.get(status, f"HTTP {status}"), "status": status, **more}
 
 
-def _invalid(parameter: str, reason: str) -> _Reply:
-    return _Reply(
+def _invalid(parameter: str, reason: str) -> Reply:
+    return Reply(
         400,
         _problem(400, parameter={parameter: [reason]}, type="https://www.rev.ai/api/v1/errors/invalid-parameters"),
     )
@@ -136,66 +117,19 @@ def _time(moment: float) -> str:
 
 
 @dataclass
-class FakeRevAI:
+class FakeRevAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     """Rev.ai's job, transcript, list and account endpoints with notifications; records what it was sent and did."""
 
     api_key: str = "rev-test-key"
-    callback_delay: float = 0.2
-    callback_retries: int = 3  # attempts after the first while the answer is not 200
-    callback_retry_interval: float = 0.2
-    submissions: list[Submission] = field(default_factory=list)
-    callbacks: list[CallbackAttempt] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: deque[tuple[int, int | None]] = deque()
-        self._drops = 0
-        self._released = threading.Event()
-        self._released.set()
-        self._stopping = threading.Event()
-        self._workers: list[threading.Thread] = []
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def fail_next(self, status: int, times: int = 1, retry_after: int | None = None) -> None:
-        """Answer the next `times` authenticated job submissions with `status` and a problem details body."""
-        with self._lock:
-            self._failures.extend([(status, retry_after)] * times)
-
-    def drop_after_accept(self, times: int = 1) -> None:
-        """Take the next `times` submissions (they will notify) but close the connection unanswered."""
-        with self._lock:
-            self._drops += times
-
-    def hold_callbacks(self) -> None:
-        """Keep every notification waiting until release_callbacks()."""
-        self._released.clear()
-
-    def release_callbacks(self) -> None:
-        self._released.set()
-
-    def wait_for_callbacks(self, count: int = 1, timeout: float = 5.0) -> list[CallbackAttempt]:
-        """The notification attempts, once there are at least `count` of them."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.callbacks) >= count:
-                    return list(self.callbacks)
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} notification(s) within {timeout} s, got {len(self.callbacks)}")
 
     def start(self) -> FakeRevAI:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if urlsplit(self.path).path != f"{API}/jobs":
-                    return self._send(_Reply(404, _problem(404)))
+                    return self._send(Reply(404, _problem(404)))
                 reply = fake.submit({k.lower(): v for k, v in self.headers.items()}, body)
                 if reply is not None:
                     self._send(reply)  # else: drop the connection; the client sees no answer
@@ -203,39 +137,17 @@ class FakeRevAI:
             def do_GET(self) -> None:  # noqa: N802
                 self._send(fake.read(self.path, {k.lower(): v for k, v in self.headers.items()}))
 
-            def _send(self, reply: _Reply) -> None:
-                data = json.dumps(reply.body).encode()
-                self.send_response(reply.status)
+            def _send(self, reply: Reply) -> None:
                 kind = "application/json" if reply.status < 400 else "application/problem+json"
                 if reply.status == 200 and isinstance(reply.body, dict) and "monologues" in reply.body:
                     kind = TRANSCRIPT_MEDIA_TYPE
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_reply(reply, kind)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._released.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-        for worker in self._workers:
-            worker.join(timeout=2)
+        return self._serve(Handler)
 
     # --- submissions ------------------------------------------------------------------------------
 
-    def submit(self, headers: Mapping[str, str], body: bytes) -> _Reply | None:
+    def submit(self, headers: Mapping[str, str], body: bytes) -> Reply | None:
         """Record a submission and answer it (None: close the connection without an answer)."""
         content_type = headers.get("content-type", "")
         media: bytes | None = None
@@ -265,26 +177,16 @@ class FakeRevAI:
             return reply
         if media is not None:
             submission.audio_size, submission.audio_sha256 = len(media), hashlib.sha256(media).hexdigest()
-        with self._lock:
-            dropped = self._drops > 0
-            self._drops -= 1 if dropped else 0
-        submission.accepted = True
-        submission.answered = None if dropped else 200
-        worker = threading.Thread(target=self._process, args=(submission,), daemon=True)
-        self._workers.append(worker)
-        worker.start()
-        return None if dropped else _Reply(200, self.job(submission))
+        dropped = self._accept(submission)
+        return None if dropped else Reply(200, self.job(submission))
 
-    def _refusal(self, submission: Submission, options: Any, media: bytes | None) -> _Reply | None:
+    def _refusal(self, submission: Submission, options: Any, media: bytes | None) -> Reply | None:
         """Why this submission is not taken, as Rev.ai would answer it; None to take it."""
         if submission.authorization != f"Bearer {self.api_key}":
-            return _Reply(401, _problem(401))
-        with self._lock:
-            failure = self._failures.popleft() if self._failures else None
+            return Reply(401, _problem(401))
+        failure = self._queued_failure(_problem)
         if failure is not None:
-            status, retry_after = failure
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return _Reply(status, _problem(status), headers)
+            return failure
         if not isinstance(options, dict):
             return _invalid("options", "The options are not a JSON object")
         if submission.body_kind == "multipart" and not media:
@@ -317,29 +219,19 @@ class FakeRevAI:
         url = notification["url"]
         headers = {"Content-Type": "application/json", **(notification.get("auth_headers") or {})}
         data = json.dumps({"job": self.job(submission)}).encode()
-        for attempt in range(1 + self.callback_retries):
-            if attempt and self._stopping.wait(self.callback_retry_interval):
-                return
-            self._released.wait()  # stop() sets it too
-            if self._stopping.is_set():
-                return
-            request = urllib.request.Request(url, data=data, method="POST", headers=headers)
-            status: int | None
-            try:
-                with _CALLBACK_OPENER.open(request, timeout=5) as response:
-                    status = response.status
-            except urllib.error.HTTPError as error:
-                status = error.code
-            except (OSError, ValueError):
-                status = None
-            with self._lock:
-                self.callbacks.append(CallbackAttempt(submission.job_id, url, dict(headers), data, status, time.time()))
-            if status == 200:
-                return
+
+        def attempt(status: int | None, moment: float) -> CallbackAttempt:
+            return CallbackAttempt(submission.job_id, url, dict(headers), data, status, moment)
+
+        self._deliver(url, data, headers, attempt)
+
+    def _ends_delivery(self, status: int) -> bool:
+        """Only a 200 delivers a notification: Rev.ai retries any other answer."""
+        return status == 200
 
     def _fetch(self, submission: Submission) -> None:
         try:
-            with _AUDIO_OPENER.open(submission.media_url or "", timeout=5) as response:
+            with AUDIO_OPENER.open(submission.media_url or "", timeout=5) as response:
                 audio = response.read()
         except (OSError, ValueError) as error:
             reason = f"HTTP {error.code}" if isinstance(error, urllib.error.HTTPError) else type(error).__name__
@@ -370,39 +262,37 @@ class FakeRevAI:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def read(self, path: str, headers: Mapping[str, str]) -> _Reply:
+    def read(self, path: str, headers: Mapping[str, str]) -> Reply:
         """Jobs, transcripts, the job list and the account."""
         if headers.get("authorization") != f"Bearer {self.api_key}":
-            return _Reply(401, _problem(401))
+            return Reply(401, _problem(401))
         parts = urlsplit(path)
         segments = parts.path.removeprefix(API).strip("/").split("/")
         if segments == ["account"]:
-            return _Reply(200, {"email": "b24scribe-test@example.com", "balance_seconds": 36000})
+            return Reply(200, {"email": "b24scribe-test@example.com", "balance_seconds": 36000})
         if segments == ["jobs"]:
             return self._list(dict(parse_qsl(parts.query)))
         if len(segments) in (2, 3) and segments[0] == "jobs":
             with self._lock:
                 found = [s for s in self.submissions if s.accepted and s.job_id == segments[1]]
             if not found:
-                return _Reply(404, _problem(404, type="https://www.rev.ai/api/v1/errors/job-not-found"))
+                return Reply(404, _problem(404, type="https://www.rev.ai/api/v1/errors/job-not-found"))
             if len(segments) == 2:
-                return _Reply(200, self.job(found[0]))
+                return Reply(200, self.job(found[0]))
             if segments[2] == "transcript":
                 return self._transcript(found[0], headers.get("accept", ""))
-        return _Reply(404, _problem(404))
+        return Reply(404, _problem(404))
 
-    def _transcript(self, submission: Submission, accept: str) -> _Reply:
+    def _transcript(self, submission: Submission, accept: str) -> Reply:
         if accept != TRANSCRIPT_MEDIA_TYPE:
-            return _Reply(
-                406, _problem(406, allowed_values=["text/plain", TRANSCRIPT_MEDIA_TYPE], current_value=accept)
-            )
+            return Reply(406, _problem(406, allowed_values=["text/plain", TRANSCRIPT_MEDIA_TYPE], current_value=accept))
         if submission.status != "transcribed":
-            return _Reply(409, _problem(409, allowed_values=["transcribed"], current_value=submission.status))
+            return Reply(409, _problem(409, allowed_values=["transcribed"], current_value=submission.status))
         stereo = submission.options.get("speaker_channels_count") == 2
         name = "transcript_stereo.json" if stereo else "transcript_diarized.json"
-        return _Reply(200, json.loads((FIXTURES / name).read_text()))
+        return Reply(200, json.loads((FIXTURES / name).read_text()))
 
-    def _list(self, query: dict[str, str]) -> _Reply:
+    def _list(self, query: dict[str, str]) -> Reply:
         try:
             limit = int(query.get("limit", "100"))
         except ValueError:
@@ -415,7 +305,7 @@ class FakeRevAI:
         if after is not None:
             ids = [s.job_id for s in newest_first]
             newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
-        return _Reply(200, [self.job(s) for s in newest_first[:limit]])
+        return Reply(200, [self.job(s) for s in newest_first[:limit]])
 
 
 def _multipart(content_type: str, body: bytes) -> tuple[str | None, bytes | None, str | None, str | None]:
