@@ -73,6 +73,7 @@ class Submission:
     accepted: bool = False  # it will call back (also true for a dropped answer)
     status: str = "queued"  # queued, processing, completed, error
     completed: float | None = None
+    error: str | None = None  # why it ended in error (the audio could not be read, or fail_jobs())
 
     @property
     def webhook_url(self) -> str | None:
@@ -109,6 +110,7 @@ class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
 
     api_key: str = "aai-test-key"
     uploads: list[Upload] = field(default_factory=list)
+    reads: list[str] = field(default_factory=list)  # the path of every GET, in order
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,9 +199,10 @@ class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
         """Read the audio, wait, then deliver the webhook, retrying while the answer is neither 2xx nor 4xx."""
         self._read_audio(submission)
         submission.status = "processing"
-        if self._stopping.wait(self.callback_delay):
+        if self._stopping.wait(self.callback_delay) or not self._processing_ends():
             return
-        submission.status = "error" if submission.fetch_error else "completed"
+        submission.error = submission.fetch_error or self.job_failure
+        submission.status = "error" if submission.error else "completed"
         submission.completed = time.time()
         url = submission.webhook_url or ""
         data = json.dumps({"transcript_id": submission.transcript_id, "status": submission.status}).encode()
@@ -242,6 +245,8 @@ class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
         if authorization != self.api_key:
             return Reply(401, _error(401))
         parts = urlsplit(path)
+        with self._lock:
+            self.reads.append(parts.path)
         if parts.path == "/v2/transcript":
             return self._list(dict(parse_qsl(parts.query)))
         transcript_id = parts.path.removeprefix("/v2/transcript/")
@@ -275,7 +280,7 @@ class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
             "webhook_auth": isinstance(name, str) and isinstance(value, str),
             "webhook_auth_header_name": name,
             "webhook_status_code": None,
-            "error": submission.fetch_error if submission.status == "error" else None,
+            "error": submission.error if submission.status == "error" else None,
         }
         if submission.status == "error":
             shown |= {"text": None, "words": None, "utterances": None}
@@ -310,7 +315,7 @@ class FakeAssemblyAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
                 "created": _created(s.time),
                 "completed": _created(s.completed) if s.completed else None,
                 "audio_url": s.body.get("audio_url"),
-                "error": s.fetch_error if s.status == "error" else None,
+                "error": s.error if s.status == "error" else None,
             }
             for s in page
         ]

@@ -29,7 +29,7 @@ import time
 import urllib.error
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -72,6 +72,8 @@ class Submission:
     accepted: bool = False  # it will notify (also true for a dropped answer)
     status: str = "in_progress"  # in_progress, transcribed, failed
     completed: float | None = None
+    failure: str | None = None  # Rev.ai's failure kind, with failure_detail, once the job failed
+    failure_detail: str | None = None
 
     @property
     def media_url(self) -> str | None:
@@ -121,6 +123,7 @@ class FakeRevAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     """Rev.ai's job, transcript, list and account endpoints with notifications; records what it was sent and did."""
 
     api_key: str = "rev-test-key"
+    reads: list[str] = field(default_factory=list)  # the path of every GET, in order
 
     def start(self) -> FakeRevAI:
         fake = self
@@ -211,9 +214,13 @@ class FakeRevAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
         """Fetch a URL's media, wait, then notify, retrying while the answer is not 200."""
         if submission.body_kind == "url":
             self._fetch(submission)
-        if self._stopping.wait(self.callback_delay):
+        if self._stopping.wait(self.callback_delay) or not self._processing_ends():
             return
-        submission.status = "failed" if submission.fetch_error else "transcribed"
+        if submission.fetch_error:
+            submission.failure, submission.failure_detail = "download_failure", submission.fetch_error
+        elif self.job_failure:
+            submission.failure, submission.failure_detail = "internal_processing", self.job_failure
+        submission.status = "failed" if submission.failure else "transcribed"
         submission.completed = time.time()
         notification = submission.notification
         url = notification["url"]
@@ -257,7 +264,7 @@ class FakeRevAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
             "duration_seconds": 6.0 if submission.status == "transcribed" else None,
         }
         if submission.status == "failed":
-            shown |= {"failure": "download_failure", "failure_detail": submission.fetch_error}
+            shown |= {"failure": submission.failure, "failure_detail": submission.failure_detail}
         return {key: value for key, value in shown.items() if value is not None}
 
     # --- reading ----------------------------------------------------------------------------------
@@ -267,6 +274,8 @@ class FakeRevAI(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
         if headers.get("authorization") != f"Bearer {self.api_key}":
             return Reply(401, _problem(401))
         parts = urlsplit(path)
+        with self._lock:
+            self.reads.append(parts.path)
         segments = parts.path.removeprefix(API).strip("/").split("/")
         if segments == ["account"]:
             return Reply(200, {"email": "b24scribe-test@example.com", "balance_seconds": 36000})

@@ -2,7 +2,9 @@
 
 Each takes a submission, answers it at once, then calls a URL of b24scribe's back with the result,
 retrying while the answer does not end the delivery. The test steers that from outside: fail the next
-submissions, take one but drop its answer, hold the callbacks and let them go, wait for the attempts.
+submissions, take one but drop its answer, hold the callbacks and let them go, wait for the attempts;
+for a vendor whose API shows a job's status (AssemblyAI, Rev.ai), keep the jobs processing or end them
+failed (the Deepgram fake has no status to show and ignores those).
 `FakeVendorWithCallbacks` holds those controls, the loopback server and the delivery loop; each vendor's
 fake keeps its own routes, bodies, error shapes and its rule of which answer ends a delivery.
 """
@@ -86,6 +88,9 @@ class FakeVendorWithCallbacks(Generic[SubmissionT, AttemptT]):
         self._drops = 0
         self._released = threading.Event()
         self._released.set()
+        self._processed = threading.Event()
+        self._processed.set()
+        self.job_failure: str | None = None  # fail_jobs(): the reason every later job ends failed with
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
 
@@ -112,6 +117,23 @@ class FakeVendorWithCallbacks(Generic[SubmissionT, AttemptT]):
         """Let the held callbacks, and every later one, go."""
         self._released.set()
 
+    def keep_processing(self) -> None:
+        """Keep every job processing (its status says so, no callback goes) until finish_processing()."""
+        self._processed.clear()
+
+    def finish_processing(self) -> None:
+        """Let the jobs kept processing, and every later one, finish."""
+        self._processed.set()
+
+    def fail_jobs(self, reason: str) -> None:
+        """End every job that finishes from now on as failed on the vendor's side, with this reason."""
+        self.job_failure = reason
+
+    def _processing_ends(self) -> bool:
+        """Wait while the jobs are kept processing; False when stop() came first."""
+        self._processed.wait()
+        return not self._stopping.is_set()
+
     def wait_for_callbacks(self, count: int = 1, timeout: float = 5.0) -> list[AttemptT]:
         """The callback attempts, once there are at least `count` of them."""
         deadline = time.monotonic() + timeout
@@ -126,6 +148,7 @@ class FakeVendorWithCallbacks(Generic[SubmissionT, AttemptT]):
         """Stop serving and end the pending callbacks, held ones included."""
         self._stopping.set()
         self._released.set()
+        self._processed.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

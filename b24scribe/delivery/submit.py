@@ -4,7 +4,9 @@ answer is classified, and each vendor's request.
 A submitter sends one recording (by URL when the vendor can fetch it, else the downloaded bytes) with
 a callback URL that names the call and carries its credential (`b24scribe.callbacks`), and returns
 the vendor's job id. When an earlier attempt's answer was lost, `find` asks the vendor whether that
-submission arrived (by the marker it carried), so a retry never makes a second vendor job.
+submission arrived (by the marker it carried), so a retry never makes a second vendor job. A vendor
+that can say how a job stands (`AsksStatus`: AssemblyAI, Rev.ai) is asked when its callback does
+not come in time, and answers with the callback it would have sent.
 
 Failure policy, the same for every vendor: a 429 waits for its Retry-After (no attempt spent), a 5xx
 or no connection is retried on the schedule, another 4xx is shown on the call and not retried, and
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -89,6 +91,29 @@ class Submitter(Protocol):
 
     def check(self, http: requests.Session, settings: Settings) -> None:
         """A harmless request that proves the key works (a VendorError otherwise)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """How a submitted job stands, by the vendor's own word (its callback did not come in time)."""
+
+    state: Literal["done", "processing", "failed"]
+    reason: str = ""  # failed: the vendor's reason, for the call's page
+    # done: the body the vendor's callback carries for this job, in the vendor's own shape (stored as
+    # if posted, so the transcript comes the way a callback's does) ...
+    callback: bytes = b""
+    # ... and what the vendor's callback URL adds to the query naming the call (Rev.ai's stereo
+    # `speaker_channels_count=2`)
+    query: tuple[tuple[str, str], ...] = ()
+
+
+@runtime_checkable
+class AsksStatus(Protocol):
+    """A submitter whose vendor tells how a job stands (Deepgram cannot, for a callback request)."""
+
+    def status(self, http: requests.Session, settings: Settings, job_id: str) -> JobStatus:
+        """The job's state (a VendorError when the vendor could not say)."""
         ...
 
 
@@ -408,6 +433,22 @@ class AssemblyAI:
                 return
             params = {"limit": params["limit"], "before_id": last}
 
+    def status(self, http: requests.Session, settings: Settings, job_id: str) -> JobStatus:
+        """`GET /v2/transcript/{id}`: `queued` and `processing` are still processing, `completed` is
+        done (its webhook body: the id and the status), `error` failed with its `error`."""
+        api, headers = self._api(settings)
+        url = f"{api}/v2/transcript/{quote(job_id, safe='')}"
+        transcript = _get(http, self.name, url, headers, settings.vendor_timeout_seconds, "transcript")
+        state = transcript.get("status") if isinstance(transcript, dict) else None
+        if state == "completed":
+            return JobStatus("done", callback=json.dumps({"transcript_id": job_id, "status": state}).encode())
+        if state in ("queued", "processing"):
+            return JobStatus("processing")
+        if state == "error":
+            error = transcript.get("error")
+            return JobStatus("failed", error if isinstance(error, str) and error else "no reason given")
+        raise VendorUnavailable(f"assemblyai's transcript answered an unknown status {str(state)[:50]!r}")
+
     def check(self, http: requests.Session, settings: Settings) -> None:
         api, headers = self._api(settings)
         timeout = settings.vendor_timeout_seconds
@@ -491,6 +532,26 @@ class RevAI:
             if last is None or len(jobs) < int(params["limit"]):
                 return None
             params = {"limit": params["limit"], "starting_after": last}
+
+    def status(self, http: requests.Session, settings: Settings, job_id: str) -> JobStatus:
+        """`GET /jobs/{id}`: `in_progress` is still processing, `transcribed` is done (the
+        notification body is the job itself, `{"job": …}`), `failed` failed with its
+        `failure_detail` (else `failure`)."""
+        api, headers = self._api(settings)
+        url = f"{api}/jobs/{quote(job_id, safe='')}"
+        job = _get(http, self.name, url, headers, settings.vendor_timeout_seconds, "job")
+        state = job.get("status") if isinstance(job, dict) else None
+        if state == "transcribed":
+            # a stereo job's callback URL carried the channel count (see `submit`); the job shows it
+            stereo = job.get("speaker_channels_count") == 2
+            query = (("speaker_channels_count", "2"),) if stereo else ()
+            return JobStatus("done", callback=json.dumps({"job": job}).encode(), query=query)
+        if state == "in_progress":
+            return JobStatus("processing")
+        if state == "failed":
+            detail = job.get("failure_detail") or job.get("failure")
+            return JobStatus("failed", detail if isinstance(detail, str) and detail else "no reason given")
+        raise VendorUnavailable(f"revai's job answered an unknown status {str(state)[:50]!r}")
 
     def check(self, http: requests.Session, settings: Settings) -> None:
         api, headers = self._api(settings)

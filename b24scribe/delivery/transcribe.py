@@ -6,8 +6,15 @@ ambiguous) first asks the vendor whether that submission arrived, by the marker 
 vendor job id is recorded in the same batch as the answer, before anything else is sent.
 
 After the submission the job waits for the vendor's callback, at most
-B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES: then a call with no transcript is marked failed, with the
-reason on the call (the job is dead and can be retried, which submits again).
+B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES. Then, with no transcript for the call, a vendor that can say
+how its job stands (AssemblyAI, Rev.ai) is asked: a finished job's callback is stored as if the
+vendor had posted it (the hook's own parse and dedupe key, so the transcript comes the way a
+callback's does, and a late real callback is a duplicate); a job still processing is waited for
+another period, up to MAX_WAIT_PERIODS in all; a failed one is shown on the call with the vendor's
+reason. The status request follows the submission's failure policy (a 429 waits, a 5xx or no
+connection is retried on the schedule, another 4xx is shown on the call). A vendor that cannot be
+asked (Deepgram) is marked failed, with the reason on the call. A failed call's job is dead and can
+be retried, which submits again.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from dataclasses import dataclass
 
 import requests
 import structlog
+from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
-from b24scribe.callbacks import callback_url
+from b24scribe.callbacks import callback_query, callback_url
 from b24scribe.db import Database
 from b24scribe.delivery.download import DownloadFailed, NotReady, Refused, download
 from b24scribe.delivery.recording import Recorder
@@ -29,6 +37,8 @@ from b24scribe.delivery.steps import resolve_recording
 from b24scribe.delivery.submit import (
     SUBMITTERS,
     AnswerLost,
+    AsksStatus,
+    JobStatus,
     Submission,
     Submitter,
     VendorBusy,
@@ -36,8 +46,10 @@ from b24scribe.delivery.submit import (
     VendorRejected,
     fetchable,
 )
+from b24scribe.events import RawEvent, store_event_in, transcript_key
 from b24scribe.models import Call, Job, TranscriptPart
 from b24scribe.outbox import Claim
+from b24scribe.parsing import parse_transcript
 from b24scribe.settings import Settings
 from b24scribe.sources import Sources
 
@@ -45,6 +57,9 @@ log = structlog.get_logger(__name__)
 
 WAITING_FOR_CALLBACK = "submitted: waiting for the vendor's callback"
 MAX_ERROR = 500
+# how many B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES periods a job the vendor says is still processing is
+# waited for in all, the first one included
+MAX_WAIT_PERIODS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +98,7 @@ class Transcriptions:
             found = submitter.find(self.http, self.settings, metadata, since) if claim.ambiguous else None
             job_id = found or self._submit(submitter, call, metadata)
         except VendorBusy as busy:
-            until, reason = time.time() + busy.retry_after, f"{busy} (retried after {busy.retry_after:g} s)"
-            self._record(claim, lambda s, j: outbox.defer(s, j, until, reason[:MAX_ERROR], time.time()))
+            self._back_off(claim, busy, "retried")
             return
         except VendorRejected as error:
             self._give_up(claim, call.id, str(error))
@@ -134,14 +148,78 @@ class Transcriptions:
             return submitter.submit(self.http, settings, submission)
 
     def _check_arrived(self, claim: Claim, call: Call, vendor: str) -> None:
-        """The submission's wait is over: done if a transcript came, else failed with the reason."""
+        """The submission's wait is over: done if a transcript came, else ask the vendor, if it can say."""
         with self.db.read() as session:
             arrived = session.scalar(select(TranscriptPart.id).where(TranscriptPart.call_id == call.id).limit(1))
         if arrived is not None:
             self._record(claim, lambda s, j: outbox.complete(s, j, {"transcript": "received"}, time.time()))
             return
         minutes = self.settings.transcribe_timeout_minutes
-        self._give_up(claim, call.id, f"{vendor} did not call back within {minutes:g} minutes")
+        submitter = SUBMITTERS[vendor]
+        if not isinstance(submitter, AsksStatus):
+            self._give_up(claim, call.id, f"{vendor} did not call back within {minutes:g} minutes")
+            return
+        try:
+            status = submitter.status(self.http, self.settings, call.transcription_job_id or "")
+        except VendorBusy as busy:
+            self._back_off(claim, busy, "asked again")
+            return
+        except VendorRejected as error:
+            self._give_up(claim, call.id, f"{vendor} did not call back and its job could not be read: {error}")
+            return
+        except VendorError as error:
+            self._retry(claim, call.id, f"{vendor} did not call back; asking for its job's status: {error}")
+            return
+        if status.state == "failed":
+            self._give_up(claim, call.id, f"{vendor} could not transcribe the recording: {status.reason}")
+        elif status.state == "processing":
+            self._wait_longer(claim, call.id, vendor)
+        else:
+            self._store_callback(claim, call, vendor, status)
+
+    def _store_callback(self, claim: Claim, call: Call, vendor: str, status: JobStatus) -> None:
+        """Store the callback the vendor would have sent, as its hook would have stored it, and end the
+        job: the event's fold places the transcript (and fetches it) as for any callback."""
+        query = callback_query(self.settings, call.portal, call.pbx or "", call.pbx_call_id or "")
+        raw = RawEvent("stt", vendor, status.callback, query | dict(status.query), "application/json")
+        try:
+            parsed = parse_transcript(self.sources, vendor, raw.body, raw.query)
+        except (ValidationError, KeyError) as error:  # the vendor's job reads differently from its callback
+            self._give_up(claim, call.id, f"{vendor}'s finished job could not be read as its callback: {error}")
+            return
+        key = transcript_key(raw, parsed.result, parsed.options)  # the hook's key: a late callback is a duplicate
+
+        def apply(session: Session, job: Job) -> None:
+            stored = store_event_in(session.connection(), raw, key)
+            result = {"transcript": "asked of the vendor", "event_id": stored.event_id, "duplicate": stored.duplicate}
+            outbox.complete(session, job, result, time.time())
+
+        log.info("vendor asked after its callback did not come: the job is done", vendor=vendor)
+        self._record(claim, apply)
+
+    def _wait_longer(self, claim: Claim, call_id: int, vendor: str) -> None:
+        """The vendor is still at it: wait another period (no attempt spent), up to MAX_WAIT_PERIODS."""
+        minutes = self.settings.transcribe_timeout_minutes
+
+        def apply(session: Session, job: Job) -> None:
+            now = time.time()
+            periods = int((job.result or {}).get("still_processing", 0)) + 1
+            if periods < MAX_WAIT_PERIODS:
+                job.result = {**(job.result or {}), "still_processing": periods}
+                reason = f"{WAITING_FOR_CALLBACK} ({vendor} says the job is still processing)"
+                outbox.defer(session, job, now + minutes * 60, reason, now)
+                return
+            reason = f"{vendor} was still processing the recording after {periods * minutes:g} minutes"
+            outbox.kill(session, job, reason, now)
+            row = session.get_one(Call, call_id)
+            row.transcription_state, row.transcription_error = "failed", reason
+
+        self._record(claim, apply)
+
+    def _back_off(self, claim: Claim, busy: VendorBusy, then: str) -> None:
+        """The vendor's 429: wait its Retry-After, without spending an attempt."""
+        until, reason = time.time() + busy.retry_after, f"{busy} ({then} after {busy.retry_after:g} s)"
+        self._record(claim, lambda s, j: outbox.defer(s, j, until, reason[:MAX_ERROR], time.time()))
 
     def _give_up(self, claim: Claim, call_id: int, reason: str) -> None:
         reason = reason[:MAX_ERROR]
