@@ -17,6 +17,7 @@ Three parts:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import threading
@@ -75,6 +76,13 @@ class Snapshot:
 
     portals: Mapping[str, PortalInfo]
     by_member: Mapping[str, str] = field(default_factory=dict)
+    # the portals' own inbound tokens by their SHA-256: a hook finds a token's portal with one lookup,
+    # however many portals there are, and compares the token itself in constant time
+    _by_token_digest: Mapping[bytes, PortalInfo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        index = {_digest(info.inbound_token): info for info in self.portals.values() if info.inbound_token}
+        object.__setattr__(self, "_by_token_digest", index)
 
     def resolve(self, value: str) -> str | None:
         """A portal's name from its name, its domain or its member_id."""
@@ -86,16 +94,19 @@ class Snapshot:
         return lowered if lowered in self.portals else None
 
     def by_token(self, token: str) -> str | None:
-        """The portal whose own inbound token this is (constant-time over every portal)."""
-        found = None
-        for info in self.portals.values():
-            if info.inbound_token is not None and hmac.compare_digest(info.inbound_token.encode(), token.encode()):
-                found = info.name
-        return found
+        """The portal whose own inbound token this is."""
+        info = self._by_token_digest.get(_digest(token))
+        if info is None or info.inbound_token is None:
+            return None
+        return info.name if hmac.compare_digest(info.inbound_token.encode(), token.encode()) else None
 
     @property
     def has_tokens(self) -> bool:
-        return any(info.inbound_token for info in self.portals.values())
+        return bool(self._by_token_digest)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 class Directory:
