@@ -32,7 +32,7 @@ from b24scribe import outbox
 from b24scribe.callbacks import callback_query, callback_url
 from b24scribe.db import Database
 from b24scribe.delivery.download import DownloadFailed, NotReady, Refused, download
-from b24scribe.delivery.recording import Recorder
+from b24scribe.delivery.recording import Apply, OnLost, Recorder
 from b24scribe.delivery.steps import resolve_recording
 from b24scribe.delivery.submit import (
     SUBMITTERS,
@@ -94,8 +94,8 @@ class Transcriptions:
         if call.portal != self.settings.portal:
             metadata += (("b24scribe_portal", call.portal),)
         try:
-            since = time.time() - 2 * 86400  # the vendor's log of the last two days holds any earlier attempt
-            found = submitter.find(self.http, self.settings, metadata, since) if claim.ambiguous else None
+            # an earlier attempt was made after the call was stored: the vendor's log since then holds it
+            found = submitter.find(self.http, self.settings, metadata, call.created_at) if claim.ambiguous else None
             job_id = found or self._submit(submitter, call, metadata)
         except VendorBusy as busy:
             self._back_off(claim, busy, "retried")
@@ -243,8 +243,8 @@ class Transcriptions:
 
         self._record(claim, apply)
 
-    def _record(self, claim: Claim, apply: object, on_lost: object = None) -> None:
-        self.recorder.record(claim, apply, on_lost=on_lost)  # type: ignore[arg-type]
+    def _record(self, claim: Claim, apply: Apply, on_lost: OnLost | None = None) -> None:
+        self.recorder.record(claim, apply, on_lost=on_lost)
 
 
 def _keep(session: Session, submitted: _Submitted) -> None:
