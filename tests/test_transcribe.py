@@ -427,3 +427,22 @@ def test_transcribe_with_needs_a_known_vendor_the_public_url_and_the_inbound_tok
         with pytest.raises(SettingsError) as error:
             load_settings(environ, dotenv=False)
         assert named in str(error.value)
+
+
+@pytest.mark.parametrize("vendor", ["deepgram", "assemblyai", "revai"])
+def test_a_missing_vendor_key_is_named_by_check_and_on_the_call(
+    vendor: str,
+    service: Callable[..., tuple[Flask, str]],
+    settings: Settings,
+    fake_bitrix24: FakeBitrix24,
+    recordings: RecordingServer,
+    db: Database,
+) -> None:
+    configured = settings.with_overrides(public_url="https://b24scribe.example.com", transcribe_with=vendor)
+    (finding,) = check_transcription_vendor(configured)
+    assert finding.level == "problem" and f"B24SCRIBE_{vendor.upper()}_API_KEY is not set" in finding.message
+
+    app, _ = service(transcribe_with=vendor, vendor={})
+    post_event(app, finished("1700000001.3", recordings.add("rec-nokey", 100_000)))
+    drain_until(app, lambda: call_row(db, "1700000001.3").transcription_state == "failed")
+    assert call_row(db, "1700000001.3").transcription_error == f"B24SCRIBE_{vendor.upper()}_API_KEY is not set"

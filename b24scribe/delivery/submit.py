@@ -138,6 +138,15 @@ def _retry_after(answer: requests.Response) -> float:
     return min(max(seconds, 1.0), MAX_RETRY_AFTER_SECONDS) if seconds == seconds else DEFAULT_RETRY_AFTER_SECONDS
 
 
+def _key_and_api(settings: Settings, vendor: str, default_api: str) -> tuple[str, str]:
+    """The vendor's API base (B24SCRIBE_<VENDOR>_API_URL, else its public one) and key (VendorRejected
+    naming B24SCRIBE_<VENDOR>_API_KEY when it is not set)."""
+    key = settings.vendor_setting(vendor, "api_key")
+    if not key:
+        raise VendorRejected(f"B24SCRIBE_{vendor.upper()}_API_KEY is not set")
+    return (settings.vendor_setting(vendor, "api_url") or default_api).rstrip("/"), key
+
+
 def classify(vendor: str, answer: requests.Response) -> VendorError:
     """A vendor's error answer as what to do about it."""
     detail = ""
@@ -183,10 +192,7 @@ class Deepgram:
     default_api = "https://api.deepgram.com"
 
     def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
-        key = settings.vendor_setting(self.name, "api_key")
-        if not key:
-            raise VendorRejected("B24SCRIBE_DEEPGRAM_API_KEY is not set")
-        api = (settings.vendor_setting(self.name, "api_url") or self.default_api).rstrip("/")
+        api, key = _key_and_api(settings, self.name, self.default_api)
         return api, {"Authorization": f"Token {key}"}
 
     def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
@@ -344,10 +350,7 @@ class AssemblyAI:
     default_speech_models = ("assemblyai-stt-3-7", "universal-2")
 
     def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
-        key = settings.vendor_setting(self.name, "api_key")
-        if not key:
-            raise VendorRejected("B24SCRIBE_ASSEMBLYAI_API_KEY is not set")
-        api = (settings.vendor_setting(self.name, "api_url") or self.default_api).rstrip("/")
+        api, key = _key_and_api(settings, self.name, self.default_api)
         return api, {"authorization": key}
 
     def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
@@ -470,10 +473,7 @@ class RevAI:
     max_metadata = 512  # characters, Rev.ai's limit
 
     def _api(self, settings: Settings) -> tuple[str, dict[str, str]]:
-        key = settings.vendor_setting(self.name, "api_key")
-        if not key:
-            raise VendorRejected("B24SCRIBE_REVAI_API_KEY is not set")
-        api = (settings.vendor_setting(self.name, "api_url") or self.default_api).rstrip("/")
+        api, key = _key_and_api(settings, self.name, self.default_api)
         return f"{api}/speechtotext/v1", {"Authorization": f"Bearer {key}"}
 
     def submit(self, http: requests.Session, settings: Settings, submission: Submission) -> str:
