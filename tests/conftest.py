@@ -34,6 +34,7 @@ pytest_plugins = [
     "tests.fake_deepgram",
     "tests.fake_assemblyai",
     "tests.fake_revai",
+    "tests.transcribe_support",
 ]
 
 INBOUND_TOKEN = "test-inbound-token-7f3a"

@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,122 +20,35 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
-from app import create_app
 from b24scribe.callbacks import callback_secret
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
-from b24scribe.models import Call, InboundEvent, Job
+from b24scribe.models import InboundEvent, Job
 from b24scribe.settings import Settings, SettingsError, load_settings
-from b24scribe.worker import Worker
 from bench.recording import RecordingServer
-from schemas.registry import SOURCES
 from tests.conftest import INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_deepgram import FakeDeepgram
 from tests.test_status_page import sign_in
-
-ORDER = [
-    "telephony.externalcall.register",
-    "telephony.externalcall.finish",
-    "telephony.externalcall.attachrecord",
-    "telephony.call.attachtranscription",
-]
-
-
-class _Late:
-    """A WSGI app set after the server's port is known (the app's public URL names that port)."""
-
-    app: Any = None
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        return self.app(environ, start_response)
-
-
-@pytest.fixture
-def recordings() -> Iterator[RecordingServer]:
-    with RecordingServer() as server:
-        yield server
+from tests.transcribe_support import (
+    ORDER,
+    call_row,
+    drain_until,
+    finished,
+    methods,
+    post_event,
+    worker_of,
+)
 
 
 @pytest.fixture
 def service(
-    settings: Settings, db: Database, fake_deepgram: FakeDeepgram
-) -> Iterator[Callable[..., tuple[Flask, str]]]:
-    """Start the app over real HTTP (the vendor calls it back) with transcription requests on."""
-    servers: list[Any] = []
-
-    def start(**overrides: Any) -> tuple[Flask, str]:
-        late = _Late()
-        server = make_server("127.0.0.1", 0, late, threaded=True)
-        public = f"http://127.0.0.1:{server.server_port}"
-        defaults: dict[str, Any] = {
-            "public_url": public,
-            "transcribe_with": "deepgram",
-            "vendor": {"DEEPGRAM_API_KEY": fake_deepgram.api_key, "DEEPGRAM_API_URL": fake_deepgram.url},
-            "recording_mode": "upload",
-            "recording_hosts": ("127.0.0.1",),
-            "retry_schedule": (0.0, 0.0, 0.0),
-        }
-        app = create_app(settings.with_overrides(**(defaults | overrides)))
-        late.app = app
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append(server)
-        return app, public
-
-    yield start
-    for server in servers:
-        server.shutdown()
-
-
-def finished(call_id: str, recording: str | None, **changes: Any) -> dict[str, Any]:
-    event = {
-        "event": "call.finished",
-        "call_id": call_id,
-        "direction": "inbound",
-        "from": "+15551234567",
-        "to": "+15550000000",
-        "extension": "101",
-        "started_at": "2026-12-07T10:20:30+01:00",
-        "duration": 42,
-        "status": "answered",
-        "recording_url": recording,
-        "recording_channels": 2,
-    }
-    return {k: v for k, v in (event | changes).items() if v is not None}
-
-
-def post_event(app: Flask, event: dict[str, Any]) -> None:
-    answer = app.test_client().post("/hooks/pbx/generic", json=event, headers=auth())
-    assert answer.status_code == 202, answer.get_data(as_text=True)
-
-
-def worker_of(app: Flask) -> Worker:
-    return Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES)
-
-
-def drain_until(app: Flask, done: Callable[[], bool], timeout: float = 15.0) -> None:
-    worker = worker_of(app)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        worker.drain()
-        if done():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def methods(fake: FakeBitrix24) -> list[str]:
-    return [r.method for r in fake.requests if r.method.startswith("telephony.") and r.status == 200]
-
-
-def call_row(db: Database, pbx_call_id: str) -> Call:
-    with db.read() as session:
-        row = session.query(Call).filter(Call.pbx_call_id == pbx_call_id).one()
-        session.expunge(row)
-        return row
+    public_app: Callable[..., tuple[Flask, str]], fake_deepgram: FakeDeepgram
+) -> Callable[..., tuple[Flask, str]]:
+    """Start the app over real HTTP (the vendor calls it back) with transcription by Deepgram on."""
+    keys = {"DEEPGRAM_API_KEY": fake_deepgram.api_key, "DEEPGRAM_API_URL": fake_deepgram.url}
+    return lambda **overrides: public_app(**({"transcribe_with": "deepgram", "vendor": keys} | overrides))
 
 
 def test_an_answered_call_with_a_stereo_recording_ends_with_its_recording_and_exact_transcript_on_the_card(

@@ -8,77 +8,32 @@ tests/test_transcribe.py's.)"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from flask import Flask
-from werkzeug.serving import make_server
 
-from app import create_app
 from b24scribe.db import Database
 from b24scribe.models import InboundEvent, Job
-from b24scribe.settings import Settings
 from bench.recording import RecordingServer
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_revai import FakeRevAI
-from tests.test_transcribe_vendors import (
-    ORDER,
-    STEREO_SUPPORT_CALL,
-    VENDORS,
-    Fake,
-    _Late,
-    call_row,
-    drain_until,
-    finished,
-    job_id,
-    methods,
-    post_event,
-    the_fake,
-    vendor_keys,
-)
+from tests.test_transcribe_vendors import STEREO_SUPPORT_CALL, VENDORS, Fake, job_id, the_fake, vendor_keys
+from tests.transcribe_support import ORDER, call_row, drain_until, finished, methods, post_event
 
 TIMEOUT_MINUTES = 0.01  # 0.6 s: the fakes finish a job in 0.2 s
 NO_SPEECH = "The audio file has no speech in it."
 
 
 @pytest.fixture
-def recordings() -> Iterator[RecordingServer]:
-    with RecordingServer() as server:
-        yield server
-
-
-@pytest.fixture
 def service(
-    settings: Settings, db: Database, fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI
-) -> Iterator[Callable[[str], Flask]]:
+    public_app: Callable[..., tuple[Flask, str]], fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI
+) -> Callable[[str], Flask]:
     """Start the app over real HTTP, transcribing with `vendor` and a tiny callback timeout."""
-    servers: list[Any] = []
-
-    def start(vendor: str) -> Flask:
-        late = _Late()
-        server = make_server("127.0.0.1", 0, late, threaded=True)
-        app = create_app(
-            settings.with_overrides(
-                public_url=f"http://127.0.0.1:{server.server_port}",
-                transcribe_with=vendor,
-                transcribe_timeout_minutes=TIMEOUT_MINUTES,
-                vendor=vendor_keys(fake_assemblyai, fake_revai),
-                recording_mode="upload",
-                recording_hosts=("127.0.0.1",),
-                retry_schedule=(0.0, 0.0, 0.0),
-            )
-        )
-        late.app = app
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return app
-
-    yield start
-    for server in servers:
-        server.shutdown()
+    keys = vendor_keys(fake_assemblyai, fake_revai)
+    settings = {"transcribe_timeout_minutes": TIMEOUT_MINUTES, "vendor": keys}
+    return lambda vendor: public_app(transcribe_with=vendor, **settings)[0]
 
 
 def status_path(fake: Fake, vendor_job_id: str) -> str:

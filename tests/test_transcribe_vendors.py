@@ -7,41 +7,37 @@ call's credential is refused; a 429 backs off; a mono recording asks for diariza
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from flask import Flask
-from werkzeug.serving import make_server
 
-from app import create_app
 from b24scribe.callbacks import callback_secret, callback_url
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
 from b24scribe.delivery.submit import SUBMITTERS, AssemblyAI, Submission
-from b24scribe.models import Call, InboundEvent, Job
+from b24scribe.models import InboundEvent, Job
 from b24scribe.settings import Settings, load_settings
-from b24scribe.worker import Worker
 from bench.recording import RecordingServer
 from schemas.registry import SOURCES
-from tests.conftest import auth
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai import Submission as AssemblyAISubmission
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_revai import FakeRevAI
 from tests.fake_revai import Submission as RevAISubmission
+from tests.transcribe_support import (
+    ORDER,
+    call_row,
+    drain_until,
+    finished,
+    methods,
+    post_event,
+)
 
 VENDORS = ["assemblyai", "revai"]
-ORDER = [
-    "telephony.externalcall.register",
-    "telephony.externalcall.finish",
-    "telephony.externalcall.attachrecord",
-    "telephony.call.attachtranscription",
-]
 # what both fakes serve for a stereo recording (the fixtures tests/test_vendors_end_to_end.py serves):
 # channel 1, the employee, greets first
 STEREO_SUPPORT_CALL = [
@@ -51,21 +47,6 @@ STEREO_SUPPORT_CALL = [
 ]
 
 Fake = FakeAssemblyAI | FakeRevAI
-
-
-class _Late:
-    """A WSGI app set after the server's port is known (the app's public URL names that port)."""
-
-    app: Any = None
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        return self.app(environ, start_response)
-
-
-@pytest.fixture
-def recordings() -> Iterator[RecordingServer]:
-    with RecordingServer() as server:
-        yield server
 
 
 def vendor_keys(fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI) -> dict[str, str]:
@@ -79,32 +60,11 @@ def vendor_keys(fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI) -> dict[
 
 @pytest.fixture
 def service(
-    settings: Settings, db: Database, fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI
-) -> Iterator[Callable[..., tuple[Flask, str]]]:
+    public_app: Callable[..., tuple[Flask, str]], fake_assemblyai: FakeAssemblyAI, fake_revai: FakeRevAI
+) -> Callable[..., tuple[Flask, str]]:
     """Start the app over real HTTP (the vendor calls it back) with transcription requests to `vendor`."""
-    servers: list[Any] = []
-
-    def start(vendor: str, **overrides: Any) -> tuple[Flask, str]:
-        late = _Late()
-        server = make_server("127.0.0.1", 0, late, threaded=True)
-        public = f"http://127.0.0.1:{server.server_port}"
-        defaults: dict[str, Any] = {
-            "public_url": public,
-            "transcribe_with": vendor,
-            "vendor": vendor_keys(fake_assemblyai, fake_revai),
-            "recording_mode": "upload",
-            "recording_hosts": ("127.0.0.1",),
-            "retry_schedule": (0.0, 0.0, 0.0),
-        }
-        app = create_app(settings.with_overrides(**(defaults | overrides)))
-        late.app = app
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return app, public
-
-    yield start
-    for server in servers:
-        server.shutdown()
+    keys = vendor_keys(fake_assemblyai, fake_revai)
+    return lambda vendor, **overrides: public_app(**({"transcribe_with": vendor, "vendor": keys} | overrides))
 
 
 def the_fake(request: pytest.FixtureRequest, vendor: str) -> Fake:
@@ -115,50 +75,6 @@ def the_fake(request: pytest.FixtureRequest, vendor: str) -> Fake:
 def job_id(submission: AssemblyAISubmission | RevAISubmission) -> str:
     """The vendor's job id of a submission the fake took."""
     return submission.transcript_id if isinstance(submission, AssemblyAISubmission) else submission.job_id
-
-
-def finished(call_id: str, recording: str | None, **changes: Any) -> dict[str, Any]:
-    event = {
-        "event": "call.finished",
-        "call_id": call_id,
-        "direction": "inbound",
-        "from": "+15551234567",
-        "to": "+15550000000",
-        "extension": "101",
-        "started_at": "2026-12-07T10:20:30+01:00",
-        "duration": 42,
-        "status": "answered",
-        "recording_url": recording,
-        "recording_channels": 2,
-    }
-    return {k: v for k, v in (event | changes).items() if v is not None}
-
-
-def post_event(app: Flask, event: dict[str, Any]) -> None:
-    answer = app.test_client().post("/hooks/pbx/generic", json=event, headers=auth())
-    assert answer.status_code == 202, answer.get_data(as_text=True)
-
-
-def drain_until(app: Flask, done: Callable[[], bool], timeout: float = 15.0) -> None:
-    worker = Worker(app.extensions["b24scribe.db"], app.extensions["b24scribe.settings"], SOURCES)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        worker.drain()
-        if done():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def methods(fake: FakeBitrix24) -> list[str]:
-    return [r.method for r in fake.requests if r.method.startswith("telephony.") and r.status == 200]
-
-
-def call_row(db: Database, pbx_call_id: str) -> Call:
-    with db.read() as session:
-        row = session.query(Call).filter(Call.pbx_call_id == pbx_call_id).one()
-        session.expunge(row)
-        return row
 
 
 def own_secret(app: Flask, vendor: str, pbx_call_id: str) -> str:
