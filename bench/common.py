@@ -598,6 +598,15 @@ def create_finished_calls(fake: FakeBitrix24, count: int, prefix: str = "bench")
     return call_ids
 
 
+def b24_call_ids(fake: FakeBitrix24) -> dict[str, str]:
+    """The PBX's call id (EXTERNAL_CALL_ID) → the CALL_ID the fake gave at register."""
+    found: dict[str, str] = {}
+    for request in fake.calls_to("telephony.externalcall.register"):
+        if request.status == 200 and isinstance(request.response, dict):
+            found.setdefault(str(request.params.get("EXTERNAL_CALL_ID")), str(request.response["result"]["CALL_ID"]))
+    return found
+
+
 def attach_receipts(fake: FakeBitrix24) -> dict[str, float]:
     """CALL_ID → when the fake received its first successful attachTranscription (its clock)."""
     received: dict[str, float] = {}

@@ -59,6 +59,7 @@ from bench.common import (
     Row,
     Web,
     attach_receipts,
+    b24_call_ids,
     database,
     generic_transcript,
     install_signal_handlers,
@@ -340,7 +341,7 @@ def _drive(
         posted[pbx_call_id] = time.time()
         _post_call(web.url, pbx_call_id, small_url, transcript=True)
     big_attached, big_seen_at, receipts = _wait_until_attached(fake, worker, posted, plan.timeout)
-    b24_ids = _b24_call_ids(fake)
+    b24_ids = b24_call_ids(fake)
     arrived = [receipts.get(b24_ids.get(call, "")) for call in posted]
     latencies = [None if at is None else at - posted_at for at, posted_at in zip(arrived, posted.values(), strict=True)]
     download_started = files.served(big_url).started or big_posted
@@ -389,15 +390,6 @@ def _post_call(base: str, pbx_call_id: str, recording_url: str | None, transcrip
             raise RuntimeError(f"the transcript hook answered {status}: {answer[:300]!r}")
 
 
-def _b24_call_ids(fake: FakeBitrix24) -> dict[str, str]:
-    """The PBX's call id (EXTERNAL_CALL_ID) → the CALL_ID the fake gave at register."""
-    found: dict[str, str] = {}
-    for request in fake.calls_to("telephony.externalcall.register"):
-        if request.status == 200 and isinstance(request.response, dict):
-            found.setdefault(str(request.params.get("EXTERNAL_CALL_ID")), str(request.response["result"]["CALL_ID"]))
-    return found
-
-
 def _wait_until_attached(
     fake: FakeBitrix24, worker: subprocess.Popen[bytes], posted: dict[str, float], timeout: float
 ) -> tuple[RecordAttachment | None, float | None, dict[str, float]]:
@@ -408,7 +400,7 @@ def _wait_until_attached(
     deadline = time.monotonic() + timeout
     seen_at: float | None = None
     while True:
-        b24_ids = _b24_call_ids(fake)
+        b24_ids = b24_call_ids(fake)
         receipts = attach_receipts(fake)
         big = fake.records_by_call(None).get(b24_ids.get("rec-big", ""), [])
         if big and seen_at is None:

@@ -32,6 +32,7 @@ from bench.common import (
     LOOPBACK,
     Row,
     attach_receipts,
+    b24_call_ids,
     database,
     free_port,
     install_signal_handlers,
@@ -122,11 +123,7 @@ def _wait(fake: FakeBitrix24, posted: dict[str, float]) -> dict[str, float]:
     """Per PBX call id, when its transcript's attach reached the fake (at most TIMEOUT_SECONDS)."""
     deadline = time.monotonic() + TIMEOUT_SECONDS
     while True:
-        ids = {
-            str(r.params.get("EXTERNAL_CALL_ID")): str(r.response["result"]["CALL_ID"])
-            for r in fake.calls_to("telephony.externalcall.register")
-            if r.status == 200 and isinstance(r.response, dict)
-        }
+        ids = b24_call_ids(fake)
         receipts = attach_receipts(fake)
         arrived = {call: receipts[ids[call]] for call in posted if ids.get(call) in receipts}
         if len(arrived) == len(posted) or time.monotonic() > deadline:
