@@ -665,18 +665,26 @@ def test_the_ledger_stops_a_replayed_job_from_attaching_the_same_transcript_agai
 
 @pytest.mark.parametrize("statistics_visible", [True, False], ids=["lookup", "lookup-denied"])
 def test_after_an_ambiguous_failure_bitrix24_is_asked_before_resending(
-    service: tuple[Flask, Worker], portals: dict[str, str], fake_bitrix24: FakeBitrix24, statistics_visible: bool
+    settings: Settings, db: Database, portals: dict[str, str], fake_bitrix24: FakeBitrix24, statistics_visible: bool
 ) -> None:
-    app, worker = service  # client timeout 0.5 s
+    # the retry is not due before the test makes it so: a slow machine's first drain cannot reach it
+    configured = settings.with_overrides(
+        bitrix24_webhook_url=None, bitrix24_portals=portals, retry_schedule=(60.0,), bitrix24_timeout=0.5
+    )
+    app = create_app(configured)
+    worker = Worker(app.extensions["b24scribe.db"], configured, SOURCES)
     fake_bitrix24.configure(deny_statistics=not statistics_visible)
     call_id = finished_call(portals["first"])
     post_transcript(app.test_client(), call_id, "first")
     fake_bitrix24.inject_slow(ATTACH, seconds=1.0)  # performed, answered after the client gave up
     worker.drain()
-    job = raw_job(app, attach_job(app, call_id)["id"])
+    job_id = attach_job(app, call_id)["id"]
+    job = raw_job(app, job_id)
     assert (job.state, job.attempts, job.ambiguous) == ("pending", 1, True)
 
-    time.sleep(0.5)
+    time.sleep(0.6)  # the slow answer has landed in the fake
+    with db.write() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(next_attempt_at=time.time()))
     worker.drain()
     job_view = attach_job(app, call_id)
     attachments = fake_bitrix24.attachments_by_call("first")[call_id]
