@@ -19,7 +19,12 @@ DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 1440
 
 RECORDING_MODES = ("upload", "url")
 # vendors b24scribe can submit recordings to itself (contract §10), as B24SCRIBE_TRANSCRIBE_WITH names them
-TRANSCRIBE_VENDORS = ("deepgram", "assemblyai", "revai")
+TRANSCRIBE_VENDORS = (
+    "deepgram",
+    "assemblyai",
+    "revai",
+    # more vendors (one line each, as their submitters land)
+)
 
 
 class SettingsError(ValueError):

@@ -117,6 +117,25 @@ class AsksStatus(Protocol):
         ...
 
 
+@runtime_checkable
+class TranscribesAtOnce(Protocol):
+    """A vendor that answers with the transcript itself instead of calling back (OpenAI, which has no
+    callbacks; Azure's fast transcription for a recording it cannot fetch). The worker waits for it,
+    and each part it returns is stored as if the vendor had posted it to its hook."""
+
+    def transcribe_now(self, http: requests.Session, settings: Settings, submission: Submission) -> list[JobStatus]:
+        """The transcript as the callbacks the vendor would have posted ("done" parts: one per
+        channel for a vendor transcribed channel by channel, with `?channel=`/`&parts=` in their
+        query), or [] when this submission goes through `submit` and a callback instead.
+        VendorError as for `submit`."""
+        ...
+
+
+def takes_urls(submitter: Submitter) -> bool:
+    """Whether the vendor can be sent a URL to fetch (else it always gets the bytes)."""
+    return bool(getattr(submitter, "fetches_urls", True))
+
+
 def fetchable(url: str) -> bool:
     """Whether a vendor on the internet can fetch this URL itself: a public host name or address
     (not this machine, not a private network, not a single-label intranet name)."""
@@ -593,4 +612,17 @@ def _names_the_same_call(url: str, wanted: str) -> bool:
     return all(given_query.get(name) == expected_query.get(name) for name in ("pbx", "call", "portal"))
 
 
-SUBMITTERS: dict[str, Submitter] = {submitter.name: submitter for submitter in (Deepgram(), AssemblyAI(), RevAI())}
+# The other vendors live in modules of their own (each imports the helpers above, so their imports
+# come last); one import and one entry per vendor.
+# vendor imports (keep sorted)
+# end of vendor imports
+
+SUBMITTERS: dict[str, Submitter] = {
+    submitter.name: submitter
+    for submitter in (
+        Deepgram(),
+        AssemblyAI(),
+        RevAI(),
+        # vendor entries (keep sorted)
+    )
+}

@@ -41,10 +41,12 @@ from b24scribe.delivery.submit import (
     JobStatus,
     Submission,
     Submitter,
+    TranscribesAtOnce,
     VendorBusy,
     VendorError,
     VendorRejected,
     fetchable,
+    takes_urls,
 )
 from b24scribe.events import RawEvent, store_event_in, transcript_key
 from b24scribe.models import Call, Job, TranscriptPart
@@ -56,6 +58,7 @@ from b24scribe.sources import Sources
 log = structlog.get_logger(__name__)
 
 WAITING_FOR_CALLBACK = "submitted: waiting for the vendor's callback"
+TRANSCRIBED_AT_ONCE = "transcribed at once"  # a vendor that answers with the transcript (TranscribesAtOnce)
 MAX_ERROR = 500
 # how many B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES periods a job the vendor says is still processing is
 # waited for in all, the first one included
@@ -96,7 +99,7 @@ class Transcriptions:
         try:
             # an earlier attempt was made after the call was stored: the vendor's log since then holds it
             found = submitter.find(self.http, self.settings, metadata, call.created_at) if claim.ambiguous else None
-            job_id = found or self._submit(submitter, call, metadata)
+            answer = found or self._submit(submitter, call, metadata)
         except VendorBusy as busy:
             self._back_off(claim, busy, "retried")
             return
@@ -118,12 +121,18 @@ class Transcriptions:
         except Refused as error:
             self._give_up(claim, call.id, f"the recording was refused: {error}")
             return
+        if isinstance(answer, list):  # the vendor answered with the transcript itself
+            log.info("recording transcribed at once", vendor=vendor, parts=len(answer))
+            self._store_callbacks(claim, call, vendor, answer, TRANSCRIBED_AT_ONCE)
+            return
+        job_id = answer
         log.info("recording submitted for transcription", vendor=vendor, found_after_lost_answer=found is not None)
         until = time.time() + self.settings.transcribe_timeout_minutes * 60
         submitted = _Submitted(call.id, vendor, job_id, until)
         self._record(claim, lambda s, j: _record_submitted(s, j, submitted), on_lost=lambda s: _keep(s, submitted))
 
-    def _submit(self, submitter: Submitter, call: Call, metadata: tuple[tuple[str, str], ...]) -> str:
+    def _submit(self, submitter: Submitter, call: Call, metadata: tuple[tuple[str, str], ...]) -> str | list[JobStatus]:
+        """The vendor's job id, or the transcript's parts from a vendor that answers with it."""
         settings = self.settings
         url = call.recording_url or ""
         target = callback_url(
@@ -133,8 +142,8 @@ class Transcriptions:
         source = self.sources.pbx.get(call.pbx or "")
         url = resolve_recording(source, url, settings)  # what the PBX's API says for it, if it must be asked
         auth = source.recording_auth(url, settings) if source and source.recording_auth else None
-        if auth is None and fetchable(url):
-            return submitter.submit(self.http, settings, Submission(metadata, target, channels, url=url))
+        if auth is None and fetchable(url) and takes_urls(submitter):
+            return self._send(submitter, Submission(metadata, target, channels, url=url))
         hosts = (*settings.recording_hosts, *(source.recording_hosts if source else ()))
         with download(
             url,
@@ -145,7 +154,14 @@ class Transcriptions:
             auth=auth,
         ) as file:
             submission = Submission(metadata, target, channels, path=file.path, content_type=file.content_type)
-            return submitter.submit(self.http, settings, submission)
+            return self._send(submitter, submission)
+
+    def _send(self, submitter: Submitter, submission: Submission) -> str | list[JobStatus]:
+        if isinstance(submitter, TranscribesAtOnce):
+            parts = submitter.transcribe_now(self.http, self.settings, submission)
+            if parts:
+                return parts
+        return submitter.submit(self.http, self.settings, submission)
 
     def _check_arrived(self, claim: Claim, call: Call, vendor: str) -> None:
         """The submission's wait is over: done if a transcript came, else ask the vendor, if it can say."""
@@ -175,26 +191,37 @@ class Transcriptions:
         elif status.state == "processing":
             self._wait_longer(claim, call.id, vendor)
         else:
-            self._store_callback(claim, call, vendor, status)
+            log.info("vendor asked after its callback did not come: the job is done", vendor=vendor)
+            self._store_callbacks(claim, call, vendor, [status], "asked of the vendor")
 
-    def _store_callback(self, claim: Claim, call: Call, vendor: str, status: JobStatus) -> None:
-        """Store the callback the vendor would have sent, as its hook would have stored it, and end the
-        job: the event's fold places the transcript (and fetches it) as for any callback."""
+    def _store_callbacks(self, claim: Claim, call: Call, vendor: str, parts: list[JobStatus], how: str) -> None:
+        """Store the callbacks the vendor would have sent, as its hook would have stored them, and end
+        the job: each event's fold places the transcript (and fetches it) as for any callback."""
         query = callback_query(self.settings, call.portal, call.pbx or "", call.pbx_call_id or "")
-        raw = RawEvent("stt", vendor, status.callback, query | dict(status.query), "application/json")
-        try:
-            parsed = parse_transcript(self.sources, vendor, raw.body, raw.query)
-        except (ValidationError, KeyError) as error:  # the vendor's job reads differently from its callback
-            self._give_up(claim, call.id, f"{vendor}'s finished job could not be read as its callback: {error}")
-            return
-        key = transcript_key(raw, parsed.result, parsed.options)  # the hook's key: a late callback is a duplicate
+        stored_parts: list[tuple[RawEvent, str]] = []
+        for part in parts:
+            raw = RawEvent("stt", vendor, part.callback, query | dict(part.query), "application/json")
+            try:
+                parsed = parse_transcript(self.sources, vendor, raw.body, raw.query)
+            except (ValidationError, KeyError) as error:  # the vendor's answer reads differently from its callback
+                self._give_up(claim, call.id, f"{vendor}'s transcript could not be read as its callback: {error}")
+                return
+            # the hook's key: a late real callback is a duplicate
+            stored_parts.append((raw, transcript_key(raw, parsed.result, parsed.options)))
 
         def apply(session: Session, job: Job) -> None:
-            stored = store_event_in(session.connection(), raw, key)
-            result = {"transcript": "asked of the vendor", "event_id": stored.event_id, "duplicate": stored.duplicate}
+            events = [store_event_in(session.connection(), raw, key) for raw, key in stored_parts]
+            result = {
+                "transcript": how,
+                "event_ids": [stored.event_id for stored in events],
+                "duplicate": all(stored.duplicate for stored in events),
+            }
             outbox.complete(session, job, result, time.time())
+            if how == TRANSCRIBED_AT_ONCE:
+                row = session.get_one(Call, call.id)
+                row.transcription_state, row.transcription_error = "transcribed", None
+                row.transcription_submitted_at = time.time()
 
-        log.info("vendor asked after its callback did not come: the job is done", vendor=vendor)
         self._record(claim, apply)
 
     def _wait_longer(self, claim: Claim, call_id: int, vendor: str) -> None:
