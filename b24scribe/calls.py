@@ -25,6 +25,22 @@ class AmbiguousCall(Exception):
         self.portals = portals
 
 
+def submitted_call(session: Session, vendor: str, job_id: str, own_portal: str) -> dict[str, str] | None:
+    """The query naming the call b24scribe submitted to `vendor` as its job `job_id` (contract §10:
+    a callback that lost its query still finds its call); None when no call has that job."""
+    row = session.execute(
+        select(Call.portal, Call.pbx, Call.pbx_call_id)
+        .where(Call.transcription_job_id == job_id[:128], Call.transcription_vendor == vendor)
+        .limit(1)
+    ).first()
+    if row is None or not row.pbx or not row.pbx_call_id:
+        return None
+    naming = {"pbx": row.pbx, "call": row.pbx_call_id}
+    if row.portal != own_portal:
+        naming["portal"] = row.portal
+    return naming
+
+
 def find_by_pbx(session: Session, pbx: str, pbx_call_id: str, portal: str | None = None) -> Call | None:
     """The call a PBX reported under this id, on `portal` (calls are keyed per portal); without a
     portal, the one call with this id, or AmbiguousCall when several portals have one."""

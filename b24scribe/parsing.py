@@ -8,7 +8,7 @@ nothing here touches the request or the database.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
@@ -29,6 +29,8 @@ class ParsedTranscript:
     result: VendorResult
     reference: CallReference
     options: TranscriptOptions
+    # the query naming the call that the vendor's job id found (the callback named none itself)
+    named_by_job: dict[str, str] | None = None
 
 
 def _one_of(query: Mapping[str, str], name: str, allowed: list[str]) -> str | None:
@@ -111,17 +113,41 @@ def call_reference(
     return merged
 
 
-def parse_transcript(sources: Sources, vendor: str, body: bytes, query: Mapping[str, str]) -> ParsedTranscript:
-    """Read a transcript callback of a registered vendor (KeyError for an unknown one)."""
+# the call b24scribe submitted to `vendor` as its job `job_id`, as the query naming it (pbx, call and,
+# unless it is the settings' own, portal); None: no such submission
+SubmittedCall = Callable[[str, str], dict[str, str] | None]
+
+
+def parse_transcript(
+    sources: Sources,
+    vendor: str,
+    body: bytes,
+    query: Mapping[str, str],
+    submitted: SubmittedCall | None = None,
+) -> ParsedTranscript:
+    """Read a transcript callback of a registered vendor (KeyError for an unknown one).
+
+    A callback that names no call, neither in its URL nor in the vendor's metadata, but carries the
+    id of a job b24scribe submitted (contract §10), names that job's call: `submitted` looks it up,
+    and `ParsedTranscript.named_by_job` is what the stored event's query must add."""
     adapter = sources.stt[vendor]
     options = transcript_options(query)
     result = adapter.parse(body, query)
+    named_by_job: dict[str, str] | None = None
+    if submitted is not None and result.vendor_job_id and _names_no_call(query, result.reference):
+        named_by_job = submitted(vendor, result.vendor_job_id)
+        if named_by_job:
+            query = {**query, **named_by_job}
     # a job's result or failure that only the vendor's job can place (its tags, its properties)
     unnamed_ok = adapter.fetch_names_call and result.status in ("fetch", "failed")
     reference = call_reference(sources, query, result.reference, unnamed_ok)
     if result.status == "completed" and result.transcript is not None:
         check_attributable(result.transcript)
-    return ParsedTranscript(result, reference, options)
+    return ParsedTranscript(result, reference, options, named_by_job)
+
+
+def _names_no_call(query: Mapping[str, str], reference: CallReference) -> bool:
+    return not (query.get("call") or query.get("b24_call_id") or query.get("pbx")) and reference.is_empty()
 
 
 # The hooks refuse larger forms before parsing; this bounds the replay path too.

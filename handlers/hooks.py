@@ -35,6 +35,7 @@ from werkzeug.exceptions import InternalServerError, MethodNotAllowed, NotFound
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request
 
+from b24scribe.calls import submitted_call
 from b24scribe.db import Database
 from b24scribe.events import (
     EVENT_NOUNS,
@@ -235,6 +236,11 @@ class _Hook:
             return auth.portal
         return resolve_hook_portal(self.settings, self.portals, self.args.get("portal"))
 
+    def submitted_call(self, vendor: str, job_id: str) -> dict[str, str] | None:
+        """The call b24scribe submitted as this vendor job (a callback that named no call)."""
+        with self.db.read() as session:
+            return submitted_call(session, vendor, job_id, self.settings.portal)
+
     def raw_event(self, body: bytes, auth: Authenticated) -> RawEvent:
         """What is stored: the request minus its credentials (`?token=` is dropped from the query)."""
         query = {key: value for key, value in self.args.items() if key != "token"} if self.args else {}
@@ -422,7 +428,9 @@ def receive(hook: _Hook) -> Stored:
             event = parse_call_event(hook.sources, described.name, body, args)
             key = call_event_key(raw, event.call_id)
         else:
-            parsed = parse_transcript(hook.sources, described.name, body, args)
+            parsed = parse_transcript(hook.sources, described.name, body, args, hook.submitted_call)
+            if parsed.named_by_job:  # stored as if its URL had named the call (the fold reads the query)
+                raw.query.update(parsed.named_by_job)
             key = transcript_key(raw, parsed.result, parsed.options)
     except ValidationError as error:
         raise hook.reject(raw, _field_errors(error), rejection_message(raw.source)) from None

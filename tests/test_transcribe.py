@@ -29,7 +29,7 @@ from b24scribe.settings import Settings, SettingsError, load_settings
 from bench.recording import RecordingServer
 from tests.conftest import INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
-from tests.fake_deepgram import FakeDeepgram
+from tests.fake_deepgram import DEFAULT_SCRIPT, FakeDeepgram, build_result
 from tests.test_status_page import sign_in
 from tests.transcribe_support import (
     ORDER,
@@ -172,6 +172,35 @@ def test_a_lost_answer_is_looked_up_and_never_makes_a_second_vendor_job(
     assert len(fake_deepgram.submissions) == 1
     assert call_row(db, "1700000000.5").transcription_job_id == fake_deepgram.submissions[0].request_id
     assert methods(fake_bitrix24) == ORDER
+
+
+def test_a_callback_that_lost_its_query_and_metadata_finds_its_call_by_the_vendor_job_id(
+    service: Callable[..., tuple[Flask, str]],
+    fake_bitrix24: FakeBitrix24,
+    fake_deepgram: FakeDeepgram,
+    recordings: RecordingServer,
+    db: Database,
+) -> None:
+    """A relay in front of b24scribe (or a vendor) that drops the query: the callback carries only the
+    vendor's request id, which b24scribe stored with the call when it submitted the recording."""
+    app, _ = service()
+    fake_deepgram.hold_callbacks()
+    post_event(app, finished("1700000000.9", recordings.add("rec-9", 200_000)))
+    drain_until(app, lambda: call_row(db, "1700000000.9").transcription_state == "submitted")
+    (submission,) = fake_deepgram.submissions
+    body = build_result(DEFAULT_SCRIPT, submission.query, {}, submission.request_id, "")
+    assert "extra" not in body["metadata"]  # nothing in the body names the call but the request id
+
+    answer = app.test_client().post("/hooks/stt/deepgram", json=body, headers=auth())
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    drain_until(app, lambda: "telephony.call.attachtranscription" in methods(fake_bitrix24))
+    (attach,) = fake_bitrix24.calls_to("telephony.call.attachTranscription")
+    assert [m["MESSAGE"] for m in attach.params["MESSAGES"]] == [line[3] for line in DEFAULT_SCRIPT]
+
+    # an unknown request id still names no call: refused with the field to fix
+    unknown = build_result(DEFAULT_SCRIPT, submission.query, {}, "not-a-job-of-ours", "")
+    refused = app.test_client().post("/hooks/stt/deepgram", json=unknown, headers=auth())
+    assert refused.status_code == 422 and "call" in refused.get_data(as_text=True)
 
 
 def test_a_callback_without_the_calls_own_credential_is_refused_and_nothing_is_stored(
