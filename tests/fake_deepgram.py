@@ -200,6 +200,8 @@ class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     api_key: str = "dg-test-key"
     project_id: str = "5e7b3c1a-2f4d-4b6e-9a8c-1d0f2e3b4a5c"
     api_key_id: str = "c0ffee00-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
+    usd_per_minute: float = 0.0043  # what the request log reports a request cost (nova-3, pre-recorded)
+    usage_read: bool = True  # False: the key lacks `usage:read`, so the request log answers 403
     script: list[Line] = field(default_factory=lambda: list(DEFAULT_SCRIPT))
     answer_delay: float = 0.0  # seconds before /v1/listen answers a submission it took
 
@@ -316,13 +318,21 @@ class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     # --- management API ---------------------------------------------------------------------------
 
     def manage(self, path: str, authorization: str | None) -> Reply:
-        """`GET /v1/projects` and `GET /v1/projects/{id}/requests`."""
+        """`GET /v1/projects`, `GET /v1/projects/{id}/requests` and `…/requests/{request_id}`."""
         parts = urlsplit(path)
         segments = parts.path.strip("/").split("/")
         if authorization != f"Token {self.api_key}":
             return Reply(401, _error(401, str(uuid.uuid4())))
         if segments == ["v1", "projects"]:
             return Reply(200, {"projects": [{"project_id": self.project_id, "name": "b24scribe-test"}]})
+        if segments[:2] == ["v1", "projects"] and len(segments) > 3 and not self.usage_read:
+            return Reply(403, _error(403, str(uuid.uuid4()), "Your API key lacks the usage:read scope."))
+        if len(segments) == 5 and segments[:2] == ["v1", "projects"] and segments[3] == "requests":
+            with self._lock:
+                found = [s for s in self.submissions if s.accepted and s.request_id == segments[4]]
+            if segments[2] != self.project_id or not found:
+                return Reply(404, _error(404, str(uuid.uuid4()), "Request not found."))
+            return Reply(200, {"request": self._log_entry(found[0], 400 if found[0].fetch_error else 200)})
         if len(segments) == 4 and segments[:2] == ["v1", "projects"] and segments[3] == "requests":
             if segments[2] != self.project_id:
                 return Reply(404, {"err_code": "PROJECT_NOT_FOUND", "err_msg": "Project not found."})
@@ -352,7 +362,9 @@ class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
         return Reply(200, {"page": page, "limit": limit, "requests": page_entries})
 
     def _log_entry(self, submission: Submission, code: int) -> dict[str, Any]:
-        details = {"usd": 0.0, "method": "async", "models": [MODEL_ID]}
+        duration = max((line[2] for line in self.script), default=0.0)
+        usd = round(duration / 60 * self.usd_per_minute, 6)
+        details = {"usd": usd, "duration": duration, "method": "async", "models": [MODEL_ID]}
         return {
             "request_id": submission.request_id,
             "project_uuid": self.project_id,

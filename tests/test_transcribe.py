@@ -84,6 +84,9 @@ def test_an_answered_call_with_a_stereo_recording_ends_with_its_recording_and_ex
         {"SIDE": "Client", "START_TIME": 1, "STOP_TIME": 4, "MESSAGE": "Hi, I'm calling about my order."},
         {"SIDE": "User", "START_TIME": 4, "STOP_TIME": 6, "MESSAGE": "What's the order number?"},
     ]
+    # what Deepgram's request log says the request cost: 5.5 s at $0.0043 a minute
+    cost = pytest.approx(5.5 / 60 * 0.0043, abs=1e-6)
+    assert (attach.params["COST"], attach.params["COST_CURRENCY"]) == (cost, "USD")
     row = call_row(db, "1700000000.1")
     assert (row.transcription_state, row.transcription_job_id) == ("submitted", submission.request_id)
     shown = app.test_client().get("/v1/calls/generic/1700000000.1", headers=admin()).json
@@ -93,6 +96,21 @@ def test_an_answered_call_with_a_stereo_recording_ends_with_its_recording_and_ex
     sign_in(page)
     html = page.get(f"/status/calls/{row.id}").get_data(as_text=True)
     assert 'id="call-transcription"' in html and submission.request_id in html
+
+
+def test_a_key_without_usage_read_attaches_the_transcript_without_a_cost(
+    service: Callable[..., tuple[Flask, str]],
+    fake_bitrix24: FakeBitrix24,
+    fake_deepgram: FakeDeepgram,
+    recordings: RecordingServer,
+) -> None:
+    app, _ = service()
+    fake_deepgram.usage_read = False  # the request log answers 403: the cost is unknown, nothing waits for it
+    post_event(app, finished("1700000000.3", recordings.add("rec-3", 200_000)))
+    drain_until(app, lambda: "telephony.call.attachtranscription" in methods(fake_bitrix24))
+
+    (attach,) = fake_bitrix24.calls_to("telephony.call.attachTranscription")
+    assert len(attach.params["MESSAGES"]) == 3 and "COST" not in attach.params and "COST_CURRENCY" not in attach.params
 
 
 def test_a_mono_recording_on_a_public_host_goes_by_url_and_asks_for_diarization(

@@ -52,7 +52,7 @@ class Deliverer:
         self.sources = sources
         self.recorder = Recorder(db, pace_from(settings), settings.retry_schedule)
         self.sender = PortalSender(db, settings, clients, self.recorder)
-        self.steps = Steps(db, settings, self.sender, self.recorder, sources)
+        self.steps = Steps(db, settings, self.sender, self.recorder, sources, http)
         self.fetches = VendorFetches(db, settings, sources, http, self.recorder)
         self.transcriptions = Transcriptions(db, settings, sources, http, self.recorder)
         self._run: dict[str, Callable[[Claim, Call | None], None]] = {

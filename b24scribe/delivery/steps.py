@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import requests
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -56,10 +57,13 @@ from b24scribe.delivery.params import (
 )
 from b24scribe.delivery.recording import Recorder
 from b24scribe.delivery.sender import PortalSender
+from b24scribe.delivery.submit import SUBMITTERS, ReportsCost, VendorError
 from b24scribe.models import AttachLedger, Call, TranscriptPart
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
 from b24scribe.sources import PbxSource, Sources
+
+log = structlog.get_logger(__name__)
 
 # A recording up to this size goes inline (FILENAME + FILE_CONTENT, base64 in the JSON body); a
 # larger one through the portal's upload URL, streamed from disk (contract §9).
@@ -71,8 +75,15 @@ class Steps:
     """register, finish and attach for claimed jobs; `record` writes what each step found."""
 
     def __init__(
-        self, db: Database, settings: Settings, sender: PortalSender, recorder: Recorder, sources: Sources
+        self,
+        db: Database,
+        settings: Settings,
+        sender: PortalSender,
+        recorder: Recorder,
+        sources: Sources,
+        vendor_http: requests.Session,
     ) -> None:
+        self.vendor_http = vendor_http  # for what the STT vendors are asked (a job's cost)
         self.db = db
         self.settings = settings
         self.sender = sender
@@ -175,7 +186,11 @@ class Steps:
         if params is None:
             self.record(claim, Skipped("no completed transcript"))
             return
+        # the ledger's key is the transcript itself: a cost the vendor reports on one attempt and
+        # not on the next never makes the same transcript look new
         digest = transcript_digest(params)
+        if "COST" not in params and (cost := self._vendor_cost(call)) is not None:
+            params = {**params, "COST": cost[0], "COST_CURRENCY": cost[1]}
         part_ids = tuple(p.id for p in chosen)
 
         def attached_as(
@@ -221,6 +236,18 @@ class Steps:
             return
         transcript_id = None if response is None else int(response.result["TRANSCRIPT_ID"])
         self.record(claim, attached_as(transcript_id, possible_duplicate=possible_duplicate, dry_run=response is None))
+
+    def _vendor_cost(self, call: Call) -> tuple[float, str] | None:
+        """What the vendor b24scribe submitted the call to says its transcription cost (contract
+        §10), where it says (`ReportsCost`). Best effort: the transcript never waits for it."""
+        submitter = SUBMITTERS.get(call.transcription_vendor or "")
+        if not call.transcription_job_id or not isinstance(submitter, ReportsCost):
+            return None
+        try:
+            return submitter.cost(self.vendor_http, self.settings, call.transcription_job_id)
+        except VendorError as error:
+            log.info("the vendor's cost could not be read", vendor=submitter.name, error=str(error)[:200])
+            return None
 
     def _recording_on_its_way(self, call: Call) -> bool:
         with self.db.read() as session:

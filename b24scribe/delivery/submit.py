@@ -131,6 +131,17 @@ class TranscribesAtOnce(Protocol):
         ...
 
 
+@runtime_checkable
+class ReportsCost(Protocol):
+    """A vendor that says what a finished job cost (Deepgram's request log), passed to Bitrix24 as
+    the transcript's COST/COST_CURRENCY."""
+
+    def cost(self, http: requests.Session, settings: Settings, job_id: str) -> tuple[float, str] | None:
+        """The job's cost and its currency code; None when the vendor does not say (yet). A
+        VendorError when it could not be asked: the transcript goes without a cost then."""
+        ...
+
+
 def takes_urls(submitter: Submitter) -> bool:
     """Whether the vendor can be sent a URL to fetch (else it always gets the bytes)."""
     return bool(getattr(submitter, "fetches_urls", True))
@@ -281,6 +292,28 @@ class Deepgram:
             raise VendorUnavailable(f"deepgram's request log could not be read ({type(error).__name__})") from None
         except (ValueError, AttributeError):
             raise VendorUnavailable("deepgram's request log answered unexpected JSON") from None
+        return None
+
+    def cost(self, http: requests.Session, settings: Settings, job_id: str) -> tuple[float, str] | None:
+        """`response.details.usd` of the request in the project's request log (the key needs the
+        `usage:read` scope; without it Deepgram answers 403 and the transcript goes without a cost)."""
+        api, headers = self._api(settings)
+        timeout = settings.vendor_timeout_seconds
+        listed = _get(http, self.name, f"{api}/v1/projects", headers, timeout, "project list")
+        projects = listed.get("projects") if isinstance(listed, dict) else None
+        for project in projects if isinstance(projects, list) else []:
+            project_id = str(project.get("project_id", "")) if isinstance(project, dict) else ""
+            url = f"{api}/v1/projects/{quote(project_id, safe='')}/requests/{quote(job_id, safe='')}"
+            found = _get(http, self.name, url, headers, timeout, "request log", missing_ok=True)
+            if not isinstance(found, dict):
+                continue
+            request = found.get("request", found)  # the entry, wrapped in `request` or not
+            response = request.get("response") if isinstance(request, dict) else None
+            details = response.get("details") if isinstance(response, dict) else None
+            usd = details.get("usd") if isinstance(details, dict) else None
+            if isinstance(usd, int | float) and not isinstance(usd, bool) and 0 < usd < 1e7:
+                return float(usd), "USD"
+            return None
         return None
 
     def check(self, http: requests.Session, settings: Settings) -> None:
