@@ -238,7 +238,22 @@ def check_transcription_vendor(settings: Settings, session: requests.Session | N
     finally:
         if session is None:
             http.close()
-    return [ok(f"{vendor}: the key works; answered calls with a recording are submitted for transcription")]
+    findings = [ok(f"{vendor}: the key works; answered calls with a recording are submitted for transcription")]
+    if vendor in WORKSPACE_WEBHOOK_VENDORS and not settings.vendor_setting(vendor, "webhook_secret"):
+        # the vendor's one webhook is signed: without the secret it opens only with ?token=<inbound token>
+        polled = " (b24scribe still asks Azure after B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES)" if vendor == "azure" else ""
+        findings.append(
+            warning(
+                f"B24SCRIBE_TRANSCRIBE_WITH={vendor}: B24SCRIBE_{vendor.upper()}_WEBHOOK_SECRET is not set, so "
+                f"{vendor}'s signed webhook is refused unless its URL carries ?token=<B24SCRIBE_INBOUND_TOKEN>{polled}"
+            )
+        )
+    return findings
+
+
+# vendors whose results come to one webhook for the whole account, signed with its secret (not to a
+# callback URL b24scribe gives each job)
+WORKSPACE_WEBHOOK_VENDORS = ("elevenlabs", "azure")
 
 
 def run_checks(settings: Settings, db: Database, sources: Sources) -> list[Finding]:

@@ -18,12 +18,19 @@ DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 1440
 
 
 RECORDING_MODES = ("upload", "url")
+# vendors that answer with the transcript itself: nothing calls back, so no public URL is needed
+ANSWERS_AT_ONCE = ("openai",)
 # vendors b24scribe can submit recordings to itself (contract §10), as B24SCRIBE_TRANSCRIBE_WITH names them
 TRANSCRIBE_VENDORS = (
     "deepgram",
     "assemblyai",
     "revai",
     # more vendors (one line each, as their submitters land)
+    "azure",
+    "elevenlabs",
+    "gladia",
+    "openai",
+    "speechmatics",
 )
 
 
@@ -297,12 +304,13 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: bool = True)
                 f"{PREFIX}TRANSCRIBE_WITH: expected one of {', '.join(TRANSCRIBE_VENDORS)}, got {value!r}"
             )
         values["transcribe_with"] = vendor
-        if "public_url" not in values:
+        # a vendor that answers with the transcript needs neither: nothing calls back
+        if vendor not in ANSWERS_AT_ONCE and "public_url" not in values:
             raise SettingsError(
                 f"{PREFIX}TRANSCRIBE_WITH needs {PREFIX}PUBLIC_URL: "
                 f"the vendor calls back at <public URL>/hooks/stt/{vendor}"
             )
-        if "inbound_token" not in values:
+        if vendor not in ANSWERS_AT_ONCE and "inbound_token" not in values:
             raise SettingsError(
                 f"{PREFIX}TRANSCRIBE_WITH needs {PREFIX}INBOUND_TOKEN: each callback's credential is derived from it"
             )

@@ -18,8 +18,9 @@ the speaker of the nearest known word before it on the same channel (or after it
 All-`UU` mono transcripts are unattributable (contract §6.3).
 
 Job id: `job.id` (else `?id=`). Call reference: `tracking.reference` as a query string,
-`pbx=asterisk&call=1700000000.123` or `b24_call_id=<CALL_ID>`, or the same keys in
-`tracking.details`. Authentication: `"auth_headers": ["Authorization: Bearer <inbound token>"]`.
+`pbx=asterisk&call=1700000000.123` or `b24_call_id=<CALL_ID>`, or `tracking.details` keyed as
+contract §11 says (`b24scribe_pbx` + `b24scribe_call`, what b24scribe's own submissions carry) or
+with the same short keys. Authentication: `"auth_headers": ["Authorization: Bearer <inbound token>"]`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from schemas._vendor_payload import (
     kind_problem,
     load_json_object,
     new_segment,
-    reference_from_mapping,
+    reference_from_metadata,
     reference_from_query_string,
 )
 from schemas.source import load_json
@@ -79,7 +80,7 @@ class _TrackingSchema(VendorSchema):
     def _to_reference(self, data: dict[str, Any], **kwargs: Any) -> CallReference:
         reference = reference_from_query_string(data["reference"])
         if reference.is_empty() and data["details"]:
-            reference = reference_from_mapping(data["details"])
+            reference = reference_from_metadata(data["details"])
         return reference
 
 
@@ -159,7 +160,7 @@ def _failed(raw_body: bytes, status: str, query_id: str | None) -> VendorResult:
         reference = reference_from_query_string(_string_or_none(tracking.get("reference")))
         details = tracking.get("details")
         if reference.is_empty() and isinstance(details, dict):
-            reference = reference_from_mapping(details)
+            reference = reference_from_metadata(details)
     return VendorResult(
         status="failed",
         failure_reason=reason,

@@ -14,13 +14,13 @@ import pytest
 from flask import Flask
 
 from b24scribe.db import Database
-from b24scribe.models import InboundEvent, Job
+from b24scribe.models import InboundEvent
 from bench.recording import RecordingServer
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_bitrix24 import FakeBitrix24
 from tests.fake_revai import FakeRevAI
 from tests.test_transcribe_vendors import STEREO_SUPPORT_CALL, VENDORS, Fake, job_id, the_fake, vendor_keys
-from tests.transcribe_support import ORDER, call_row, drain_until, finished, methods, post_event
+from tests.transcribe_support import ORDER, call_row, drain_until, finished, methods, post_event, transcribe_job
 
 TIMEOUT_MINUTES = 0.01  # 0.6 s: the fakes finish a job in 0.2 s
 NO_SPEECH = "The audio file has no speech in it."
@@ -48,13 +48,6 @@ def transcript_path(fake: Fake, vendor_job_id: str) -> str:
     if isinstance(fake, FakeAssemblyAI):
         return f"/v2/transcript/{vendor_job_id}"
     return f"/speechtotext/v1/jobs/{vendor_job_id}/transcript"
-
-
-def transcribe_job(db: Database) -> Job:
-    with db.read() as session:
-        job = session.query(Job).filter(Job.kind == "transcribe").one()
-        session.expunge(job)
-        return job
 
 
 @pytest.mark.parametrize("vendor", VENDORS)

@@ -34,6 +34,7 @@ from tests.transcribe_support import (
     drain_until,
     finished,
     methods,
+    own_secret,
     post_event,
 )
 
@@ -75,13 +76,6 @@ def the_fake(request: pytest.FixtureRequest, vendor: str) -> Fake:
 def job_id(submission: AssemblyAISubmission | RevAISubmission) -> str:
     """The vendor's job id of a submission the fake took."""
     return submission.transcript_id if isinstance(submission, AssemblyAISubmission) else submission.job_id
-
-
-def own_secret(app: Flask, vendor: str, pbx_call_id: str) -> str:
-    settings: Settings = app.extensions["b24scribe.settings"]
-    secret = callback_secret(settings, vendor, settings.portal, "generic", pbx_call_id)
-    assert secret
-    return secret
 
 
 def test_assemblyai_gets_the_uploaded_stereo_recording_and_the_call_ends_with_its_exact_transcript(

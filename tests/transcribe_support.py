@@ -14,8 +14,9 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from app import create_app
+from b24scribe.callbacks import callback_secret
 from b24scribe.db import Database
-from b24scribe.models import Call
+from b24scribe.models import Call, InboundEvent, Job
 from b24scribe.settings import Settings
 from b24scribe.worker import Worker
 from bench.recording import RecordingServer
@@ -116,3 +117,25 @@ def call_row(db: Database, pbx_call_id: str) -> Call:
         row = session.query(Call).filter(Call.pbx_call_id == pbx_call_id).one()
         session.expunge(row)
         return row
+
+
+def transcribe_job(db: Database) -> Job:
+    """The one transcribe job (detached)."""
+    with db.read() as session:
+        job = session.query(Job).filter(Job.kind == "transcribe").one()
+        session.expunge(job)
+        return job
+
+
+def stt_events(db: Database) -> int:
+    """How many transcript events are stored."""
+    with db.read() as session:
+        return session.query(InboundEvent).filter(InboundEvent.source == "stt").count()
+
+
+def own_secret(app: Flask, vendor: str, pbx_call_id: str) -> str:
+    """The per-call credential of a generic PBX call's callback from `vendor`."""
+    settings: Settings = app.extensions["b24scribe.settings"]
+    secret = callback_secret(settings, vendor, settings.portal, "generic", pbx_call_id)
+    assert secret
+    return secret

@@ -648,7 +648,11 @@ def _names_the_same_call(url: str, wanted: str) -> bool:
 # The other vendors live in modules of their own (each imports the helpers above, so their imports
 # come last); one import and one entry per vendor.
 # vendor imports (keep sorted)
-# end of vendor imports
+from b24scribe.delivery.submit_azure import Azure  # noqa: E402
+from b24scribe.delivery.submit_elevenlabs import ElevenLabs  # noqa: E402
+from b24scribe.delivery.submit_gladia import Gladia  # noqa: E402
+from b24scribe.delivery.submit_openai import OpenAI  # noqa: E402
+from b24scribe.delivery.submit_speechmatics import Speechmatics  # noqa: E402
 
 SUBMITTERS: dict[str, Submitter] = {
     submitter.name: submitter
@@ -657,5 +661,10 @@ SUBMITTERS: dict[str, Submitter] = {
         AssemblyAI(),
         RevAI(),
         # vendor entries (keep sorted)
+        Azure(),
+        ElevenLabs(),
+        Gladia(),
+        OpenAI(),
+        Speechmatics(),
     )
 }

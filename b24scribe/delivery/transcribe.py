@@ -135,8 +135,12 @@ class Transcriptions:
         """The vendor's job id, or the transcript's parts from a vendor that answers with it."""
         settings = self.settings
         url = call.recording_url or ""
-        target = callback_url(
-            settings, submitter.name, call.portal, call.pbx or "", call.pbx_call_id or "", submitter.credential
+        target = (
+            callback_url(
+                settings, submitter.name, call.portal, call.pbx or "", call.pbx_call_id or "", submitter.credential
+            )
+            if settings.public_url
+            else ""  # a vendor that answers at once (B24SCRIBE_PUBLIC_URL is not needed for it)
         )
         channels = 2 if call.recording_channels == 2 else 1
         source = self.sources.pbx.get(call.pbx or "")
