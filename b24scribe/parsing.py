@@ -90,6 +90,8 @@ def call_reference(
         pbx=url.pbx or payload_reference.pbx,
         pbx_call_id=url.pbx_call_id or payload_reference.pbx_call_id,
         b24_call_id=url.b24_call_id or payload_reference.b24_call_id,
+        # the URL's ?portal= wins (it may name the portal by its domain or member_id)
+        portal=None if query.get("portal") else payload_reference.portal,
     )
     if merged.pbx is not None:
         pbx = sources.pbx.get(merged.pbx)

@@ -83,6 +83,9 @@ class CallReference:
     pbx: str | None = None
     pbx_call_id: str | None = None
     b24_call_id: str | None = None
+    # the portal the call is on, where the vendor's metadata says (`b24scribe_portal`): a callback
+    # without `?portal=` (one workspace-wide webhook for every portal) still reaches its portal's call
+    portal: str | None = None
 
     def is_empty(self) -> bool:
         """True when nothing names a call."""

@@ -48,6 +48,7 @@ from b24scribe.events import (
     transcript_key,
 )
 from b24scribe.inbound_auth import Authenticated, AuthFailure, HookRequest, authenticate_before_body
+from b24scribe.limits import MAX_PORTAL_LENGTH
 from b24scribe.metrics import Metrics
 from b24scribe.parsing import MAX_FORM_FIELDS, parse_call_event, parse_transcript
 from b24scribe.portals import Directory, resolve_hook_portal
@@ -236,6 +237,16 @@ class _Hook:
             return auth.portal
         return resolve_hook_portal(self.settings, self.portals, self.args.get("portal"))
 
+    def portal_from_metadata(self, raw: RawEvent, named: str) -> str:
+        """The portal the vendor's metadata names (`b24scribe_portal`), for a callback whose URL names
+        none, put on the stored event (ValidationError naming `portal` when it is unknown)."""
+        portal = resolve_hook_portal(self.settings, self.portals, named[: MAX_PORTAL_LENGTH + 1])
+        if portal != self.settings.portal:
+            raw.query["portal"] = portal
+        else:
+            raw.query.pop("portal", None)
+        return portal
+
     def submitted_call(self, vendor: str, job_id: str) -> dict[str, str] | None:
         """The call b24scribe submitted as this vendor job (a callback that named no call)."""
         with self.db.read() as session:
@@ -417,6 +428,7 @@ def receive(hook: _Hook) -> Stored:
     if isinstance(described, PbxSource) and described.form and (count := body.count(b"&") + 1) > MAX_FIELDS:
         fields = {"_body": [f"the form has {count} fields; at most {MAX_FIELDS} are read"]}
         raise hook.reject(raw, fields, rejection_message(raw.source))
+    named_portal: str | None = None  # the portal the vendor's metadata names, for a URL that names none
     try:
         # an unknown ?portal= is a 422 now, not a dead job later; the event keeps the portal's name
         # unless it is the settings' own portal (which a replay then follows, as before)
@@ -431,11 +443,15 @@ def receive(hook: _Hook) -> Stored:
             parsed = parse_transcript(hook.sources, described.name, body, args, hook.submitted_call)
             if parsed.named_by_job:  # stored as if its URL had named the call (the fold reads the query)
                 raw.query.update(parsed.named_by_job)
+            elif parsed.reference.portal and "portal" not in args:
+                named_portal = hook.portal_from_metadata(raw, parsed.reference.portal)
             key = transcript_key(raw, parsed.result, parsed.options)
     except ValidationError as error:
         raise hook.reject(raw, _field_errors(error), rejection_message(raw.source)) from None
     except Exception:
         raise hook.unreadable(raw) from None
+    if named_portal is not None and auth.portal is not None and named_portal != auth.portal:
+        raise ApiError(403, "wrong_portal", f"this token opens the hooks of portal {auth.portal} only")
     if pbx:
         structlog.contextvars.bind_contextvars(pbx=described.name, pbx_call_id=event.call_id)
     return hook.answer(store_event(hook.db, raw, key))

@@ -158,11 +158,12 @@ def load_json_object(raw_body: bytes) -> dict[str, Any]:
 
 
 def reference_from_mapping(values: Mapping[str, Any]) -> CallReference:
-    """A CallReference from `pbx`, `call` and `b24_call_id` keys; other keys are ignored."""
+    """A CallReference from `pbx`, `call`, `b24_call_id` and `portal` keys; other keys are ignored."""
     return CallReference(
         pbx=_non_empty_string(values.get("pbx")),
         pbx_call_id=_non_empty_string(values.get("call")),
         b24_call_id=_non_empty_string(values.get("b24_call_id")),
+        portal=_non_empty_string(values.get("portal")),
     )
 
 

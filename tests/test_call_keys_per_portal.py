@@ -17,9 +17,11 @@ from b24scribe.worker import Worker
 from schemas.registry import SOURCES
 from tests.conftest import admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
+from tests.fake_deepgram import build_result
 
 LINKEDID = "1733400000.42"  # the same Asterisk linkedid on both tenants' PBXs
 ATTACH = "telephony.call.attachTranscription"
+SOUTH_CALL = [(1, 0.0, 2.0, "South office, hello."), (0, 2.5, 4.0, "Hi, south speaking.")]
 
 
 @pytest.fixture
@@ -88,3 +90,36 @@ def test_the_migration_keys_calls_per_portal_and_back(database_url: str) -> None
         assert ["pbx", "pbx_call_id"] not in unique_keys()
     finally:
         engine.dispose()
+
+
+def test_a_callback_whose_metadata_names_the_portal_reaches_that_portals_call_without_a_query(
+    settings: Settings, db: Database, fake_bitrix24: FakeBitrix24
+) -> None:
+    """One webhook for the vendor's whole workspace (ElevenLabs, Azure) cannot say `?portal=`: the
+    portal comes from the metadata b24scribe put on the job (`b24scribe_portal`). A portal's own token
+    never opens another portal's call that way."""
+    portals = {"north": fake_bitrix24.add_webhook(portal="north"), "south": fake_bitrix24.add_webhook(portal="south")}
+    tokens = {"north": "north-portal-token-0123"}
+    configured = settings.with_overrides(bitrix24_webhook_url=None, bitrix24_portals=portals, portal_tokens=tokens)
+    app = create_app(configured)
+    try:
+        for portal in ("north", "south"):
+            call_event(app, portal, "call.finished", duration=30, status="answered")
+        extra = {"b24scribe_pbx": "generic", "b24scribe_call": LINKEDID, "b24scribe_portal": "south"}
+        body = build_result(SOUTH_CALL, {"utterances": "true", "multichannel": "true"}, extra, "req-1", "")
+        as_north = {"Authorization": f"Bearer {tokens['north']}"}
+        refused = app.test_client().post("/hooks/stt/deepgram", json=body, headers=as_north)
+        assert refused.status_code == 403 and refused.json is not None
+        assert refused.json["error"]["code"] == "wrong_portal"
+        unknown = build_result(SOUTH_CALL, {"multichannel": "true"}, extra | {"b24scribe_portal": "west"}, "req-2", "")
+        answer = app.test_client().post("/hooks/stt/deepgram", json=unknown, headers=auth())
+        assert answer.status_code == 422 and "portal" in answer.get_data(as_text=True)
+
+        answer = app.test_client().post("/hooks/stt/deepgram", json=body, headers=auth())
+        assert answer.status_code == 202, answer.get_data(as_text=True)
+        Worker(app.extensions["b24scribe.db"], configured, SOURCES).drain()
+
+        attached = {r.portal for r in fake_bitrix24.requests if r.method == ATTACH.lower() and r.status == 200}
+        assert attached == {"south"}
+    finally:
+        app.extensions["b24scribe.db"].dispose()

@@ -139,6 +139,8 @@ def _place(session: Session, job: Job, result: VendorResult, now: float) -> None
         naming = {"b24_call_id": reference.b24_call_id}
     elif reference.pbx and reference.pbx_call_id:
         naming = {"pbx": reference.pbx, "call": reference.pbx_call_id}
+    if naming is not None and reference.portal and not (event.query or {}).get("portal"):
+        naming["portal"] = reference.portal  # the job's metadata names the portal too (b24scribe_portal)
     if naming is None:
         why = f" ({result.failure_reason})" if result.status == "failed" and result.failure_reason else ""
         reason = (
