@@ -309,6 +309,12 @@ def transcript_key(raw: RawEvent, result: VendorResult, options: TranscriptOptio
 
 
 # A transcript part's columns a vendor result may leave unset (a failure, a result still to fetch).
+# One file per channel (contract §11): `&parts=2` on both callbacks makes the first part wait for the
+# second, at most PARTS_WAIT_SECONDS after it came, before the call's transcript is attached; the
+# attach job is put off with this reason, and the second part's fold makes it due at once.
+WAITING_FOR_PARTS = "waiting for the transcript's other channel (&parts=2)"
+PARTS_WAIT_SECONDS = 600.0
+
 PART_DEFAULTS: dict[str, Any] = {"granularity": "segment", "segments": None, "cost": None, "cost_currency": None}
 
 

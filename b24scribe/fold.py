@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from b24scribe.events import PART_DEFAULTS, CallEvent, part_values
+from b24scribe.events import PART_DEFAULTS, WAITING_FOR_PARTS, CallEvent, part_values
 from b24scribe.models import QUEUED_JOB_STATES, Call, InboundEvent, Job, JobKind, JobState, TranscriptPart
 from b24scribe.outbox import OPEN_STATES
 from b24scribe.parsing import ParsedTranscript
@@ -194,6 +194,8 @@ class _Plan:
     parts: list[dict[str, Any]] = field(default_factory=list)
     fetches: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (index in parts, its fetch job)
     event_calls: list[dict[str, int]] = field(default_factory=list)
+    # calls that got a completed part while their attach job may be put off for it (`&parts=2`)
+    parts_came: set[int] = field(default_factory=set)
 
 
 def _pbx_key(portal: str, pbx: str, pbx_call_id: str) -> tuple[str, ...]:
@@ -434,6 +436,8 @@ def _fold_transcript(
         # already have read the parts, so only a job not yet started can take this one too
         _enqueue(plan, JobKind.ATTACH, call, event_id, waiting=call.stage != "finished")
         call.attach_queued = True
+    elif result.status == "completed":
+        plan.parts_came.add(call.id)  # an attach put off for this part goes now
 
 
 def fold_batch(
@@ -483,3 +487,14 @@ def _write(connection: Connection, plan: _Plan, now: float) -> None:
         connection.execute(_INSERT_JOB, [job | {"now": now} for job in jobs])
     if plan.event_calls:
         connection.execute(_UPDATE_EVENT_CALL, plan.event_calls)
+    if plan.parts_came:
+        connection.execute(
+            update(_JOB)
+            .where(
+                _JOB.c.call_id.in_(sorted(plan.parts_came)),
+                _JOB.c.kind == JobKind.ATTACH,
+                _JOB.c.state == JobState.PENDING,
+                _JOB.c.last_error == WAITING_FOR_PARTS,
+            )
+            .values(next_attempt_at=now, updated_at=now)
+        )

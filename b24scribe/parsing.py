@@ -62,6 +62,9 @@ def transcript_options(query: Mapping[str, str]) -> TranscriptOptions:
         name: value for name in ("channel0", "first_speaker") if (value := _one_of(query, name, roles)) is not None
     }
     direction = _one_of(query, "direction", [d.value for d in Direction])
+    if (query.get("parts") or "").strip() not in ("", "1", "2"):
+        why = "Must be 1 or 2: how many files (one per channel) make up the call's transcript."
+        raise ValidationError({"parts": [why]})
     return TranscriptOptions(
         channel_slot=channel,
         side_overrides=overrides,

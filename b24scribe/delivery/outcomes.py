@@ -18,6 +18,7 @@ from b24scribe import outbox
 from b24scribe.db import upsert_insert
 from b24scribe.delivery.params import ATTACH, ATTACH_RECORD, FINISH, REGISTER
 from b24scribe.delivery.recording import Recorder
+from b24scribe.events import WAITING_FOR_PARTS
 from b24scribe.models import OPEN_JOB_STATES, AttachLedger, Call, Job, JobKind, JobState, TranscriptPart
 from b24scribe.outbox import Claim
 
@@ -42,6 +43,14 @@ class WaitForRecording:
     (no attempt spent; `hurry` makes it due as soon as the recording's job ends)."""
 
     call_id: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForParts:
+    """The transcript comes one file per channel and the other channel's has not come: wait for it
+    until `until` at most (no attempt spent; the other part's fold makes the job due at once)."""
+
     until: float
 
 
@@ -134,6 +143,7 @@ Outcome = (
     Skipped
     | Waiting
     | WaitForRecording
+    | WaitForParts
     | GivenUp
     | Registered
     | DefaultUser
@@ -158,6 +168,8 @@ def record(recorder: Recorder, claim: Claim, outcome: Outcome) -> None:
             recorder.record(claim, lambda s, j: outbox.wait_for_call(s, j, reason, time.time()))
         case WaitForRecording():
             recorder.record(claim, lambda s, j: _wait_for_recording(s, j, outcome))
+        case WaitForParts(until):
+            recorder.record(claim, lambda s, j: outbox.defer(s, j, until, WAITING_FOR_PARTS, time.time()))
         case GivenUp(reason):
             recorder.record(claim, lambda s, j: outbox.kill(s, j, reason, time.time()))
         case Registered():

@@ -39,6 +39,7 @@ from b24scribe.delivery.outcomes import (
     RegisterAgain,
     Registered,
     Skipped,
+    WaitForParts,
     WaitForRecording,
     Waiting,
     recording_on_its_way,
@@ -58,7 +59,8 @@ from b24scribe.delivery.params import (
 from b24scribe.delivery.recording import Recorder
 from b24scribe.delivery.sender import PortalSender
 from b24scribe.delivery.submit import SUBMITTERS, ReportsCost, VendorError
-from b24scribe.models import AttachLedger, Call, TranscriptPart
+from b24scribe.events import PARTS_WAIT_SECONDS
+from b24scribe.models import AttachLedger, Call, InboundEvent, TranscriptPart
 from b24scribe.outbox import Claim
 from b24scribe.settings import Settings
 from b24scribe.sources import PbxSource, Sources
@@ -171,9 +173,12 @@ class Steps:
         with self.db.read() as session:
             parts = list(session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id)))
             session.expunge_all()
+            chosen = current_parts(parts)
+            if (other_until := _other_part_expected_until(session, chosen)) is not None and time.time() < other_until:
+                self.record(claim, WaitForParts(other_until))
+                return
             params = build_attach(call, parts, self.settings)
             attached = _attached_ids(session, call)
-        chosen = current_parts(parts)
         if any(part.segments is None for part in chosen):
             # A part's text went with retention: sending the rest would replace the whole
             # transcript on the card with a partial one. Fails closed; the card keeps what it has.
@@ -372,6 +377,18 @@ def resolve_recording(source: PbxSource | None, url: str, settings: Settings) ->
         return url
     with requests.Session() as http:
         return source.resolve_recording(url, settings, http)
+
+
+def _other_part_expected_until(session: Session, chosen: list[TranscriptPart]) -> float | None:
+    """When the wait for the transcript's other channel ends, if its callbacks said `&parts=2` and
+    only one channel's file has come (contract §11); None: nothing to wait for."""
+    slots = {part.channel_slot for part in chosen if part.channel_slot is not None}
+    if not slots or len(slots) >= 2:
+        return None
+    queries = session.scalars(select(InboundEvent.query).where(InboundEvent.id.in_([p.event_id for p in chosen])))
+    if not any(isinstance(query, dict) and str(query.get("parts", "")).strip() == "2" for query in queries):
+        return None
+    return min(part.received_at for part in chosen) + PARTS_WAIT_SECONDS
 
 
 def _attached_ids(session: Session, call: Call) -> dict[str, int | None]:
