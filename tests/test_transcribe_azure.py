@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask
+from sqlalchemy import update
 
 from b24scribe.callbacks import callback_secret
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
-from b24scribe.models import InboundEvent
+from b24scribe.models import Call, InboundEvent, Job
 from b24scribe.settings import Settings, load_settings
 from bench.recording import RecordingServer
 from tests.fake_azure_stt import WRONG_KEY, FakeAzureSpeech
@@ -349,3 +350,40 @@ def test_transcribe_with_accepts_azure() -> None:
         "B24SCRIBE_TRANSCRIBE_WITH": "Azure",
     }
     assert load_settings(environ, dotenv=False).transcribe_with == "azure"
+
+
+@pytest.mark.usefixtures("by_url")
+def test_without_a_web_hook_azure_is_asked_a_minute_after_the_submission_then_after_as_long_again(
+    service: Callable[..., tuple[Flask, str]],
+    fake_bitrix24: FakeBitrix24,
+    fake_azure: FakeAzureSpeech,
+    recordings: RecordingServer,
+    db: Database,
+) -> None:
+    """The default B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES (60) is not how long an Azure transcript takes
+    to reach the card when no web hook is registered: Azure is asked after a minute, then after as long
+    again as the transcription has taken so far."""
+    app, _ = service(web_hook=False)
+    fake_azure.keep_processing()
+    post_event(app, finished("1700000003.12", recordings.add("rec-az12", 100_000)))
+    drain_until(app, lambda: call_row(db, "1700000003.12").transcription_state == "submitted")
+    submitted_at = call_row(db, "1700000003.12").transcription_submitted_at or 0.0
+    assert transcribe_job(db).next_attempt_at - submitted_at == pytest.approx(60, abs=2)
+
+    def five_minutes_later() -> None:  # the transcription was submitted five minutes ago, and the job is due
+        with db.write() as session:
+            session.execute(update(Call).values(transcription_submitted_at=time.time() - 300))
+            session.execute(update(Job).where(Job.kind == "transcribe").values(next_attempt_at=time.time()))
+
+    five_minutes_later()
+    drain_until(app, lambda: bool(fake_azure.reads))
+    job = transcribe_job(db)
+    assert job.state == "pending" and job.attempts == 0
+    assert job.next_attempt_at - time.time() == pytest.approx(300, abs=5)  # as long again as it has taken
+
+    fake_azure.finish_processing()
+    drain_until(app, lambda: fake_azure.submissions[0].status == "Succeeded")
+    five_minutes_later()
+    drain_until(app, lambda: "telephony.call.attachtranscription" in methods(fake_bitrix24))
+    (attach,) = fake_bitrix24.calls_to("telephony.call.attachTranscription")
+    assert attach.params["MESSAGES"] == STEREO_MESSAGES

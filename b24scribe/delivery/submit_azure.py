@@ -63,6 +63,9 @@ class Azure:
     # Azure calls no per-call URL back (its web hook is the resource's, signed with its own secret):
     # the URL b24scribe makes for the call carries no credential and is never sent
     credential: CredentialPlace = "header"
+    # the web hook belongs to the Speech resource and may not be registered: the job is asked how it
+    # stands a minute after the submission, then after as long again as it has taken so far
+    poll_seconds = 60.0
     # long enough for the callback wait, a status check and a fetch retried over hours; short enough
     # not to keep call transcripts at Azure for weeks (Azure takes 6 to 744, recommends 48)
     time_to_live_hours = 48

@@ -127,7 +127,7 @@ class Transcriptions:
             return
         job_id = answer
         log.info("recording submitted for transcription", vendor=vendor, found_after_lost_answer=found is not None)
-        until = time.time() + self.settings.transcribe_timeout_minutes * 60
+        until = time.time() + _first_wait(submitter, self.settings.transcribe_timeout_minutes * 60)
         submitted = _Submitted(call.id, vendor, job_id, until)
         self._record(claim, lambda s, j: _record_submitted(s, j, submitted), on_lost=lambda s: _keep(s, submitted))
 
@@ -193,7 +193,7 @@ class Transcriptions:
         if status.state == "failed":
             self._give_up(claim, call.id, f"{vendor} could not transcribe the recording: {status.reason}")
         elif status.state == "processing":
-            self._wait_longer(claim, call.id, vendor)
+            self._wait_longer(claim, call, vendor, submitter)
         else:
             log.info("vendor asked after its callback did not come: the job is done", vendor=vendor)
             self._store_callbacks(claim, call, vendor, [status], "asked of the vendor")
@@ -228,22 +228,32 @@ class Transcriptions:
 
         self._record(claim, apply)
 
-    def _wait_longer(self, claim: Claim, call_id: int, vendor: str) -> None:
-        """The vendor is still at it: wait another period (no attempt spent), up to MAX_WAIT_PERIODS."""
+    def _wait_longer(self, claim: Claim, call: Call, vendor: str, submitter: Submitter) -> None:
+        """The vendor is still at it: ask again later (no attempt spent), for MAX_WAIT_PERIODS periods
+        of B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES in all. A vendor asked early (`poll_seconds`) is asked
+        again after as long as it has taken so far (doubling), within that same bound."""
         minutes = self.settings.transcribe_timeout_minutes
+        poll = getattr(submitter, "poll_seconds", None)
+        submitted_at = call.transcription_submitted_at or time.time()
 
         def apply(session: Session, job: Job) -> None:
             now = time.time()
             periods = int((job.result or {}).get("still_processing", 0)) + 1
-            if periods < MAX_WAIT_PERIODS:
-                job.result = {**(job.result or {}), "still_processing": periods}
-                reason = f"{WAITING_FOR_CALLBACK} ({vendor} says the job is still processing)"
-                outbox.defer(session, job, now + minutes * 60, reason, now)
+            ends = submitted_at + MAX_WAIT_PERIODS * minutes * 60
+            if poll is not None and now < ends:
+                wait = min(max(float(poll), now - submitted_at), minutes * 60, ends - now)
+            elif poll is None and periods < MAX_WAIT_PERIODS:
+                wait = minutes * 60
+            else:
+                waited = round((now - submitted_at) / 60, 1) if poll is not None else periods * minutes
+                reason = f"{vendor} was still processing the recording after {waited:g} minutes"
+                outbox.kill(session, job, reason, now)
+                row = session.get_one(Call, call.id)
+                row.transcription_state, row.transcription_error = "failed", reason
                 return
-            reason = f"{vendor} was still processing the recording after {periods * minutes:g} minutes"
-            outbox.kill(session, job, reason, now)
-            row = session.get_one(Call, call_id)
-            row.transcription_state, row.transcription_error = "failed", reason
+            job.result = {**(job.result or {}), "still_processing": periods}
+            reason = f"{WAITING_FOR_CALLBACK} ({vendor} says the job is still processing)"
+            outbox.defer(session, job, now + wait, reason, now)
 
         self._record(claim, apply)
 
@@ -276,6 +286,14 @@ class Transcriptions:
 
     def _record(self, claim: Claim, apply: Apply, on_lost: OnLost | None = None) -> None:
         self.recorder.record(claim, apply, on_lost=on_lost)
+
+
+def _first_wait(submitter: Submitter, timeout_seconds: float) -> float:
+    """How long after the submission its transcript is first looked for: the timeout, or sooner for
+    a vendor whose result may come to no callback of the job's own (`poll_seconds`: Azure, whose web
+    hook belongs to the Speech resource and may not be registered)."""
+    poll = getattr(submitter, "poll_seconds", None)
+    return min(float(poll), timeout_seconds) if poll is not None else timeout_seconds
 
 
 def _keep(session: Session, submitted: _Submitted) -> None:
