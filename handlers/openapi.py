@@ -369,6 +369,12 @@ STT_PARAMETERS = [
     _query("call", "the PBX's call id (with `pbx`)"),
     _query("b24_call_id", "a Bitrix24 CALL_ID of a call registered by something else"),
     _query("channel", "the file holds this one channel of a stereo recording", ["0", "1"]),
+    _query(
+        "parts",
+        "2: the call's transcript comes as two files, one per channel; the first waits for the second "
+        "(at most 10 minutes) before it is attached",
+        ["1", "2"],
+    ),
     _query("channel0", "who speaks on channel 0 (overrides B24SCRIBE_CHANNEL0)", ROLES),
     _query("first_speaker", "who the first diarized speaker is (overrides B24SCRIBE_FIRST_SPEAKER)", ROLES),
     _query("direction", "the call's direction, for a call registered by something else", ["inbound", "outbound"]),
