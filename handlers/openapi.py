@@ -116,7 +116,8 @@ class TranscriptionRequestSchema(Schema):
     """The call's recording as submitted to the STT vendor by b24scribe itself (contract §10)."""
 
     state = fields.String(
-        required=True, metadata={"description": "queued | submitted | transcribed (answered at once) | failed"}
+        required=True,
+        metadata={"description": "queued | sending | submitted | transcribed (answered at once) | failed"},
     )
     vendor = fields.String(allow_none=True)
     vendor_job_id = fields.String(allow_none=True, metadata={"description": "the vendor's id of the job"})

@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 from flask import Flask
+from sqlalchemy import update
 
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
 from b24scribe.delivery.submit import SUBMITTERS, Submission
 from b24scribe.delivery.submit_elevenlabs import ANSWER_LOST
+from b24scribe.models import Job
 from b24scribe.settings import Settings, load_settings
 from bench.recording import RecordingServer
 from tests.conftest import auth
@@ -36,6 +38,7 @@ from tests.transcribe_support import (
     post_event,
     stt_events,
     transcribe_job,
+    worker_of,
 )
 
 TIMEOUT_MINUTES = 0.01  # 0.6 s: the fake finishes a job in 0.2 s
@@ -202,6 +205,28 @@ def test_a_lost_answer_whose_webhook_never_comes_fails_the_call_with_the_reason_
     assert len(fake_elevenlabs.submissions) == 1 and fake_elevenlabs.reads == []  # nothing to ask for
     assert transcribe_job(db).state == "dead"
     assert methods(fake_bitrix24) == ORDER[:3]  # the recording is on the card, no transcript
+
+
+def test_a_worker_that_died_before_sending_is_followed_by_a_submission_not_a_wait(
+    service: Callable[..., tuple[Flask, str]],
+    fake_elevenlabs: FakeElevenLabs,
+    fake_bitrix24: FakeBitrix24,
+    recordings: RecordingServer,
+    db: Database,
+) -> None:
+    """A worker killed while downloading the recording leaves its job ambiguous, like one killed
+    mid-request; but the call never reached `sending`, so nothing went out: submit it."""
+    app, _ = service()
+    post_event(app, finished("1700000000.8", recordings.add("rec-e8", 100_000)))
+    worker_of(app).fold()
+    with db.write() as session:  # taken back from a dead worker (`reclaim_dead_workers`)
+        session.execute(update(Job).where(Job.kind == "transcribe").values(ambiguous=True))
+    assert call_row(db, "1700000000.8").transcription_state == "queued"
+    drain_until(app, lambda: "telephony.call.attachtranscription" in methods(fake_bitrix24))
+
+    (submission,) = fake_elevenlabs.submissions
+    row = call_row(db, "1700000000.8")
+    assert row.transcription_state == "submitted" and row.transcription_job_id != ANSWER_LOST
 
 
 def test_a_webhook_signed_with_another_secret_is_refused_and_nothing_is_stored(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import requests
 import structlog
 from marshmallow import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
@@ -58,6 +58,7 @@ from b24scribe.sources import Sources
 log = structlog.get_logger(__name__)
 
 WAITING_FOR_CALLBACK = "submitted: waiting for the vendor's callback"
+SENDING = "sending"  # the call's transcription state while its submission is on its way to the vendor
 TRANSCRIBED_AT_ONCE = "transcribed at once"  # a vendor that answers with the transcript (TranscribesAtOnce)
 MAX_ERROR = 500
 # how many B24SCRIBE_TRANSCRIBE_TIMEOUT_MINUTES periods a job the vendor says is still processing is
@@ -97,8 +98,10 @@ class Transcriptions:
         if call.portal != self.settings.portal:
             metadata += (("b24scribe_portal", call.portal),)
         try:
-            # an earlier attempt was made after the call was stored: the vendor's log since then holds it
-            found = submitter.find(self.http, self.settings, metadata, call.created_at) if claim.ambiguous else None
+            # an earlier attempt may have sent it (its request went out, see `_send`): the vendor's log
+            # since the call was stored holds it; an attempt that died before sending sent nothing
+            maybe_sent = claim.ambiguous and call.transcription_state == SENDING
+            found = submitter.find(self.http, self.settings, metadata, call.created_at) if maybe_sent else None
             answer = found or self._submit(submitter, call, metadata)
         except VendorBusy as busy:
             self._back_off(claim, busy, "retried")
@@ -147,7 +150,7 @@ class Transcriptions:
         url = resolve_recording(source, url, settings)  # what the PBX's API says for it, if it must be asked
         auth = source.recording_auth(url, settings) if source and source.recording_auth else None
         if auth is None and fetchable(url) and takes_urls(submitter):
-            return self._send(submitter, Submission(metadata, target, channels, url=url))
+            return self._send(call.id, submitter, Submission(metadata, target, channels, url=url))
         hosts = (*settings.recording_hosts, *(source.recording_hosts if source else ()))
         with download(
             url,
@@ -158,9 +161,13 @@ class Transcriptions:
             auth=auth,
         ) as file:
             submission = Submission(metadata, target, channels, path=file.path, content_type=file.content_type)
-            return self._send(submitter, submission)
+            return self._send(call.id, submitter, submission)
 
-    def _send(self, submitter: Submitter, submission: Submission) -> str | list[JobStatus]:
+    def _send(self, call_id: int, submitter: Submitter, submission: Submission) -> str | list[JobStatus]:
+        # durable before the request goes out: an attempt that dies from here on may have made a
+        # vendor job (look it up), one that died before (downloading, say) made none (send again)
+        with self.db.write() as session:
+            session.execute(update(Call).where(Call.id == call_id).values(transcription_state=SENDING))
         if isinstance(submitter, TranscribesAtOnce):
             parts = submitter.transcribe_now(self.http, self.settings, submission)
             if parts:
