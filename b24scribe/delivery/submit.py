@@ -15,10 +15,11 @@ an answer lost after the request went out is looked up with `find` before anythi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,8 +178,9 @@ def _key_and_api(settings: Settings, vendor: str, default_api: str) -> tuple[str
     return (settings.vendor_setting(vendor, "api_url") or default_api).rstrip("/"), key
 
 
-def classify(vendor: str, answer: requests.Response) -> VendorError:
-    """A vendor's error answer as what to do about it."""
+def classify(vendor: str, answer: requests.Response, message: str | None = None) -> VendorError:
+    """A vendor's error answer as what to do about it. `message`: the vendor's own words, for an
+    error body shaped otherwise than the flat keys read here (Azure's and OpenAI's nested `error`)."""
     detail = ""
     try:
         body = answer.json()
@@ -187,6 +189,8 @@ def classify(vendor: str, answer: requests.Response) -> VendorError:
             detail = ": " + " ".join(str(p) for p in parts if isinstance(p, str | int))[:300]
     except ValueError:
         pass
+    if message and message.strip():
+        detail = ": " + message.strip()[:300]
     message = f"{vendor} answered HTTP {answer.status_code}{detail}"
     if answer.status_code == 429:
         return VendorBusy(message, _retry_after(answer))
@@ -335,17 +339,21 @@ def _get(
     what: str,
     params: dict[str, str] | None = None,
     missing_ok: bool = False,
+    refuse: Callable[[requests.Response], VendorError] | None = None,
 ) -> Any:
     """A read-only GET's JSON (a VendorError otherwise: `what` names what could not be read; with
-    `missing_ok`, a 404 is None: a transcript deleted since it was listed)."""
+    `missing_ok`, a 404 is None: a transcript deleted since it was listed; `refuse` reads a vendor's
+    own error body, else `classify`). Redirects are not followed: the key's header would go along."""
     try:
-        answer = http.get(url, params=params, headers=headers, timeout=(min(timeout, 10.0), timeout))
+        answer = http.get(
+            url, params=params, headers=headers, timeout=(min(timeout, 10.0), timeout), allow_redirects=False
+        )
     except requests.RequestException as error:
         raise VendorUnavailable(f"{vendor}'s {what} could not be read ({type(error).__name__})") from None
     if answer.status_code == 404 and missing_ok:
         return None
     if answer.status_code != 200:
-        raise classify(vendor, answer)
+        raise (refuse or functools.partial(classify, vendor))(answer)
     try:
         return answer.json()
     except ValueError:

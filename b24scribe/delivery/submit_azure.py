@@ -32,10 +32,10 @@ from b24scribe.delivery.submit import (
     AnswerLost,
     JobStatus,
     Submission,
-    VendorBusy,
     VendorError,
     VendorRejected,
     VendorUnavailable,
+    _get,
     _key_and_api,
     _media_filename,
     _post,
@@ -226,34 +226,18 @@ class Azure:
 
     def _read(self, http: requests.Session, settings: Settings, url: str, headers: dict[str, str], what: str) -> Any:
         """A read-only GET's JSON (a VendorError otherwise, with Azure's own message)."""
-        timeout = settings.vendor_timeout_seconds
-        try:
-            answer = http.get(url, headers=headers, timeout=(min(timeout, 10.0), timeout), allow_redirects=False)
-        except requests.RequestException as error:
-            raise VendorUnavailable(f"azure's {what} could not be read ({type(error).__name__})") from None
-        if answer.status_code != 200:
-            raise self._refusal(answer)
-        try:
-            return answer.json()
-        except ValueError:
-            raise VendorUnavailable(f"azure's {what} answered something that is not JSON") from None
+        return _get(http, self.name, url, headers, settings.vendor_timeout_seconds, what, refuse=self._refusal)
 
     def _refusal(self, answer: requests.Response) -> VendorError:
         """`classify`, with the message of Azure's nested error body (`{"error": {"code", "message"}}`,
         as its gateway answers a wrong key or an exhausted quota), which `classify` does not read."""
-        error = classify(self.name, answer)
         try:
             body = answer.json()
         except ValueError:
-            return error
+            body = None
         nested = body.get("error") if isinstance(body, dict) else None
         message = nested.get("message") if isinstance(nested, dict) else None
-        if not isinstance(message, str) or not message.strip():
-            return error
-        text = f"{self.name} answered HTTP {answer.status_code}: {message.strip()[:300]}"
-        if isinstance(error, VendorBusy):
-            return VendorBusy(text, error.retry_after)
-        return type(error)(text)
+        return classify(self.name, answer, message if isinstance(message, str) else None)
 
 
 def as_result_file(result: dict[str, Any], stereo: bool) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from b24scribe.delivery.submit import (
     AnswerLost,
     JobStatus,
     Submission,
-    VendorBusy,
     VendorError,
     VendorUnavailable,
     _key_and_api,
@@ -184,11 +183,10 @@ def _read(http: requests.Session, url: str, headers: dict[str, str], timeout: fl
 def _refusal(answer: requests.Response) -> VendorError:
     """An error answer as what to do about it (`classify`), with ElevenLabs' own message: its errors
     are `{"detail": {"status", "message"}}`, or a validation error's `{"detail": [{"loc", "msg"}]}`."""
-    error = classify("elevenlabs", answer)
     try:
         detail = answer.json().get("detail")
     except (ValueError, AttributeError):
-        return error
+        return classify("elevenlabs", answer)
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         first = detail[0]
         where = ".".join(str(part) for part in first.get("loc") or [] if part != "body")
@@ -197,9 +195,4 @@ def _refusal(answer: requests.Response) -> VendorError:
         text = str(detail.get("message") or detail.get("status") or "")
     else:
         text = detail if isinstance(detail, str) else ""
-    if not text:
-        return error
-    message = f"elevenlabs answered HTTP {answer.status_code}: {text[:300]}"
-    if isinstance(error, VendorBusy):
-        return VendorBusy(message, error.retry_after)
-    return type(error)(message)
+    return classify("elevenlabs", answer, text)

@@ -230,15 +230,12 @@ def _mib(size: int) -> str:
 
 def _refused(answer: requests.Response) -> VendorError:
     """OpenAI's error answer as what to do about it, with OpenAI's own message (`{"error": {…}}`)."""
-    error = classify("openai", answer)
     message, code = _error_of(answer)
-    if not message:
-        return error
-    text = f"openai answered HTTP {answer.status_code}: {message}"
-    if isinstance(error, VendorBusy):
+    error = classify("openai", answer, message)
+    if isinstance(error, VendorBusy) and code == "insufficient_quota":
         # a spent quota is a 429 too, but waiting does not end it: someone must pay or raise the limit
-        return VendorRejected(text) if code == "insufficient_quota" else VendorBusy(text, error.retry_after)
-    return type(error)(text)
+        return VendorRejected(str(error))
+    return error
 
 
 def _error_of(answer: requests.Response) -> tuple[str, str]:
