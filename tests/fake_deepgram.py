@@ -202,6 +202,7 @@ class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     api_key_id: str = "c0ffee00-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
     usd_per_minute: float = 0.0043  # what the request log reports a request cost (nova-3, pre-recorded)
     usage_read: bool = True  # False: the key lacks `usage:read`, so the request log answers 403
+    reads: list[str] = field(default_factory=list)  # the management API's paths, as asked
     script: list[Line] = field(default_factory=lambda: list(DEFAULT_SCRIPT))
     answer_delay: float = 0.0  # seconds before /v1/listen answers a submission it took
 
@@ -320,6 +321,7 @@ class FakeDeepgram(FakeVendorWithCallbacks[Submission, CallbackAttempt]):
     def manage(self, path: str, authorization: str | None) -> Reply:
         """`GET /v1/projects`, `GET /v1/projects/{id}/requests` and `…/requests/{request_id}`."""
         parts = urlsplit(path)
+        self.reads.append(parts.path)
         segments = parts.path.strip("/").split("/")
         if authorization != f"Token {self.api_key}":
             return Reply(401, _error(401, str(uuid.uuid4())))

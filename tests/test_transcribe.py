@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
+from b24scribe import outbox
 from b24scribe.callbacks import callback_secret
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
@@ -96,6 +98,29 @@ def test_an_answered_call_with_a_stereo_recording_ends_with_its_recording_and_ex
     sign_in(page)
     html = page.get(f"/status/calls/{row.id}").get_data(as_text=True)
     assert 'id="call-transcription"' in html and submission.request_id in html
+
+
+def test_the_cost_is_asked_for_only_when_a_transcript_goes(
+    service: Callable[..., tuple[Flask, str]],
+    fake_bitrix24: FakeBitrix24,
+    fake_deepgram: FakeDeepgram,
+    recordings: RecordingServer,
+    db: Database,
+) -> None:
+    """An attach that finds its transcript already on the card (a re-run, another part's job) sends
+    nothing, and asks Deepgram for nothing either."""
+    app, _ = service()
+    post_event(app, finished("1700000000.4", recordings.add("rec-4", 200_000)))
+    drain_until(app, lambda: "telephony.call.attachtranscription" in methods(fake_bitrix24))
+    asked = list(fake_deepgram.reads)
+    assert any(path.endswith(f"/requests/{fake_deepgram.submissions[0].request_id}") for path in asked)
+
+    with db.write() as session:  # the call's attach job once more
+        call_id, portal = session.execute(select(Job.call_id, Job.portal).where(Job.kind == "attach")).one()
+        outbox.enqueue(session, "attach", call_id=call_id, portal=portal, now=time.time())
+    worker_of(app).drain()
+    assert len(fake_bitrix24.calls_to("telephony.call.attachTranscription")) == 1
+    assert fake_deepgram.reads == asked
 
 
 def test_a_key_without_usage_read_attaches_the_transcript_without_a_cost(

@@ -191,11 +191,8 @@ class Steps:
         if params is None:
             self.record(claim, Skipped("no completed transcript"))
             return
-        # the ledger's key is the transcript itself: a cost the vendor reports on one attempt and
-        # not on the next never makes the same transcript look new
         digest = transcript_digest(params)
-        if "COST" not in params and (cost := self._vendor_cost(call)) is not None:
-            params = {**params, "COST": cost[0], "COST_CURRENCY": cost[1]}
+        request: dict[str, Any] = params  # what goes, and what the outcome records (a cost is added below)
         part_ids = tuple(p.id for p in chosen)
 
         def attached_as(
@@ -206,7 +203,7 @@ class Steps:
                 call.portal,
                 call.b24_call_id,
                 part_ids,
-                params,
+                request,
                 digest,
                 transcript_id,
                 at,
@@ -218,7 +215,7 @@ class Steps:
         if digest in attached:
             self.record(claim, attached_as(attached[digest]))
             return
-        if not params["MESSAGES"]:
+        if not request["MESSAGES"]:
             self.record(claim, attached_as(None, note="no speech: nothing to attach"))
             return
         possible_duplicate = False
@@ -234,8 +231,12 @@ class Steps:
             except Bitrix24Error as error:
                 self.sender.fail(claim, error, " (while checking whether the transcript already landed)")
                 return
+        # asked only now that the transcript goes; the ledger's key (taken above) is the transcript
+        # alone, so a cost the vendor reports on one attempt and not the next never makes it look new
+        if "COST" not in request and (cost := self._vendor_cost(call)) is not None:
+            request = {**request, "COST": cost[0], "COST_CURRENCY": cost[1]}
         try:
-            response = self.sender.send(claim, ATTACH, params)
+            response = self.sender.send(claim, ATTACH, request)
         except Bitrix24Error as error:
             self.sender.fail(claim, error)
             return
