@@ -20,12 +20,12 @@ DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 1440
 RECORDING_MODES = ("upload", "url")
 # vendors that answer with the transcript itself: nothing calls back, so no public URL is needed
 ANSWERS_AT_ONCE = ("openai",)
-# vendors b24scribe can submit recordings to itself (contract §10), as B24SCRIBE_TRANSCRIBE_WITH names them
+# vendors b24scribe can submit recordings to itself (contract §10), as B24SCRIBE_TRANSCRIBE_WITH names
+# them: the names of b24scribe.delivery.submit.SUBMITTERS (a test holds the two together)
 TRANSCRIBE_VENDORS = (
     "deepgram",
     "assemblyai",
     "revai",
-    # more vendors (one line each, as their submitters land)
     "azure",
     "elevenlabs",
     "gladia",

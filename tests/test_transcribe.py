@@ -26,8 +26,9 @@ from b24scribe import outbox
 from b24scribe.callbacks import callback_secret
 from b24scribe.checks import check_transcription_vendor
 from b24scribe.db import Database
+from b24scribe.delivery.submit import SUBMITTERS
 from b24scribe.models import InboundEvent, Job
-from b24scribe.settings import Settings, SettingsError, load_settings
+from b24scribe.settings import TRANSCRIBE_VENDORS, Settings, SettingsError, load_settings
 from bench.recording import RecordingServer
 from tests.conftest import INBOUND_TOKEN, admin, auth
 from tests.fake_bitrix24 import FakeBitrix24
@@ -398,6 +399,10 @@ def test_a_vendor_that_never_calls_back_is_reported_on_the_call_after_the_timeou
     with db.read() as session:
         job = session.query(Job).filter(Job.kind == "transcribe").one()
         assert job.state == "dead" and job.last_error == row.transcription_error
+
+
+def test_every_vendor_the_setting_takes_has_a_submitter_and_every_submitter_is_taken() -> None:
+    assert set(TRANSCRIBE_VENDORS) == set(SUBMITTERS)
 
 
 def test_transcribe_with_needs_a_known_vendor_the_public_url_and_the_inbound_token() -> None:

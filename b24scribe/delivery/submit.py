@@ -653,9 +653,9 @@ def _names_the_same_call(url: str, wanted: str) -> bool:
     return all(given_query.get(name) == expected_query.get(name) for name in ("pbx", "call", "portal"))
 
 
-# The other vendors live in modules of their own (each imports the helpers above, so their imports
-# come last); one import and one entry per vendor.
-# vendor imports (keep sorted)
+# The other vendors live in modules of their own; each imports the helpers above, so their imports
+# come last. A vendor is one module, one import and one entry here (and its name in
+# settings.TRANSCRIBE_VENDORS, which the settings check reads without importing this module).
 from b24scribe.delivery.submit_azure import Azure  # noqa: E402
 from b24scribe.delivery.submit_elevenlabs import ElevenLabs  # noqa: E402
 from b24scribe.delivery.submit_gladia import Gladia  # noqa: E402
@@ -668,7 +668,6 @@ SUBMITTERS: dict[str, Submitter] = {
         Deepgram(),
         AssemblyAI(),
         RevAI(),
-        # vendor entries (keep sorted)
         Azure(),
         ElevenLabs(),
         Gladia(),
