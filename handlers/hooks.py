@@ -225,9 +225,10 @@ class _Hook:
         snapshot = self.portals.snapshot()
         return snapshot.by_token if snapshot.has_tokens else None
 
-    def check_portal(self, auth: Authenticated) -> None:
-        """A portal's own token opens that portal's hooks only: 403 for another `?portal=`."""
-        named = self.args.get("portal")
+    def check_portal(self, auth: Authenticated, named: str | None = None) -> None:
+        """A portal's own token opens that portal's hooks only: 403 for another portal, named by
+        `?portal=` (or, `named`, by the vendor's metadata)."""
+        named = self.args.get("portal") if named is None else named
         if auth.portal is not None and named is not None and self.portals.snapshot().resolve(named) != auth.portal:
             raise ApiError(403, "wrong_portal", f"this token opens the hooks of portal {auth.portal} only")
 
@@ -450,8 +451,8 @@ def receive(hook: _Hook) -> Stored:
         raise hook.reject(raw, _field_errors(error), rejection_message(raw.source)) from None
     except Exception:
         raise hook.unreadable(raw) from None
-    if named_portal is not None and auth.portal is not None and named_portal != auth.portal:
-        raise ApiError(403, "wrong_portal", f"this token opens the hooks of portal {auth.portal} only")
+    if named_portal is not None:
+        hook.check_portal(auth, named_portal)
     if pbx:
         structlog.contextvars.bind_contextvars(pbx=described.name, pbx_call_id=event.call_id)
     return hook.answer(store_event(hook.db, raw, key))
