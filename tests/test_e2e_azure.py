@@ -229,3 +229,36 @@ def test_a_signed_but_unprocessable_body_is_422_and_kept(post: Any, db: Database
     assert response.status_code == 422
     assert "status" in response.json["error"]["fields"]
     assert events(db) == 1
+
+
+def test_a_transcription_naming_its_portal_is_placed_on_that_portals_call(
+    settings: Settings, db: Database, fake_bitrix24: FakeBitrix24, fake_vendor_api: FakeVendorApi
+) -> None:
+    """With several portals, the resource's one web hook names no portal; the transcription's
+    customProperties do (`b24scribe_portal`, as b24scribe's own submissions set it)."""
+    portals = {"north": fake_bitrix24.add_webhook(portal="north"), "south": fake_bitrix24.add_webhook(portal="south")}
+    vendor = {"AZURE_WEBHOOK_SECRET": SECRET, "AZURE_API_URL": fake_vendor_api.url, "AZURE_API_KEY": API_KEY}
+    configured = settings.with_overrides(bitrix24_webhook_url=None, bitrix24_portals=portals, vendor=vendor)
+    app = create_app(configured)
+    try:
+        call_id = finished_call(portals["south"])
+        reference = on_fake_api(fake_vendor_api, fixture("webhook_reference.json"))
+        self_path = json.loads(reference)["self"].removeprefix(fake_vendor_api.url)
+        transcription = json.loads(on_fake_api(fake_vendor_api, fixture("webhook_succeeded.json")))
+        transcription["customProperties"] = {"b24scribe_b24_call_id": call_id, "b24scribe_portal": "south"}
+        fake_vendor_api.serve(self_path, json.dumps(transcription).encode())
+        serve_files(fake_vendor_api, "result_diarized.json")
+
+        headers = {
+            "Content-Type": "application/json",
+            azure.EVENT_HEADER: "TranscriptionCompletion",
+            azure.SIGNATURE_HEADER: microsoft_signature(SECRET, reference),
+        }
+        assert app.test_client().post("/hooks/stt/azure", data=reference, headers=headers).status_code == 202
+        Worker(app.extensions["b24scribe.db"], configured, SOURCES).drain()
+
+        attached = [r for r in fake_bitrix24.requests if r.method == "telephony.call.attachtranscription"]
+        assert [(r.portal, r.status) for r in attached] == [("south", 200)]
+        assert attached_messages(fake_bitrix24, call_id) == DIARIZED_MESSAGES
+    finally:
+        app.extensions["b24scribe.db"].dispose()
