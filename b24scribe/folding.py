@@ -142,13 +142,14 @@ _EVENTS = select(
 ).where(InboundEvent.id.in_(bindparam("ids", expanding=True)))
 
 
-def _load(session: Session, size: int, lock: bool) -> list[_Stored]:
-    """The oldest due apply jobs and their events (`lock`: locked, skipping those others hold)."""
+def _load(session: Session, size: int, lock: bool) -> tuple[list[_Stored], bool]:
+    """The oldest due apply jobs and their events (`lock`: locked, skipping those others hold), and
+    whether more were due than it took (the batch was full, or cut short by BATCH_BYTES)."""
     query = _CANDIDATES.with_for_update(skip_locked=True, of=Job) if lock else _CANDIDATES
     # the jobs alone first: joining the events before the LIMIT would read every due event's row
     candidates = session.execute(query, {"now": time.time(), "size": size}).all()
     if not candidates:
-        return []
+        return [], False
     lengths: dict[int, int | None] = {
         event_id: length for event_id, length in session.execute(_LENGTHS, {"ids": [e for _, e in candidates]})
     }
@@ -173,7 +174,7 @@ def _load(session: Session, size: int, lock: bool) -> list[_Stored]:
             loaded.append(
                 _Stored(job_id, event_id, row.source, row.provider, body, query_args, row.state == "accepted")
             )
-    return loaded
+    return loaded, len(candidates) >= size or len(chosen) < len(candidates)
 
 
 def _read(settings: Settings, sources: Sources, stored: _Stored) -> _Taken:
@@ -262,17 +263,18 @@ def _fold_alone(db: Database, settings: Settings, one: _Taken) -> bool:
     return False
 
 
-def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) -> int:
-    """Take and fold one batch; how many apply jobs it took."""
+def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) -> tuple[int, bool]:
+    """Take and fold one batch; how many apply jobs it took, and whether more were due."""
     lock = not db.is_sqlite
     written = 0.0
     stored: list[_Stored] = []
+    more = False
     try:
         if db.is_sqlite:
             with db.read() as session:  # read and parse outside the write lock the hooks wait for
-                stored = _load(session, size, lock=False)
+                stored, more = _load(session, size, lock=False)
             if not stored:
-                return 0
+                return 0, False
             taken = [_read(settings, sources, s) for s in stored]
             started = time.perf_counter()
             with db.write() as session:
@@ -282,9 +284,9 @@ def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) ->
             written = time.perf_counter() - started
         else:
             with db.write() as session:  # row locks only: other workers take other events meanwhile
-                stored = _load(session, size, lock=True)
+                stored, more = _load(session, size, lock=True)
                 if not stored:
-                    return 0
+                    return 0, False
                 taken = [_read(settings, sources, s) for s in stored]
                 started = time.perf_counter()
                 _fold_taken(session, taken, lock, time.time(), transcribe_policy(settings))
@@ -296,9 +298,9 @@ def _fold_once(db: Database, settings: Settings, sources: Sources, size: int) ->
         log.warning("folding a batch failed; folding its events one by one", events=len(stored), exc_info=True)
         for one in stored:
             _fold_alone(db, settings, _read(settings, sources, one))
-        return len(stored)
+        return len(stored), more
     _batch_size.observe(size, len(taken), written)
-    return len(taken)
+    return len(taken), more
 
 
 def apply_pending(
@@ -308,12 +310,15 @@ def apply_pending(
 
     Returns how many apply jobs were taken. At least one batch is folded whatever the budget, and
     the budget is checked between batches, so one call takes about `budget_seconds` (plus one batch).
+    A batch that took every due event ends the call too: the events that arrived while it was
+    written are left to gather for the next turn, rather than folded as a trickle of tiny write
+    transactions (on SQLite each one is the write lock the hooks wait for, with a commit).
     """
     deadline = time.monotonic() + budget_seconds
     taken = 0
     while taken < limit:
-        folded = _fold_once(db, settings, sources, min(_batch_size.events, limit - taken))
+        folded, more = _fold_once(db, settings, sources, min(_batch_size.events, limit - taken))
         taken += folded
-        if folded == 0 or time.monotonic() >= deadline:
+        if not more or time.monotonic() >= deadline:
             break
     return taken

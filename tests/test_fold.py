@@ -253,6 +253,29 @@ def test_a_call_takes_at_most_limit_events_and_stops_when_its_time_budget_is_spe
     assert snapshot(database)["applies"] == {"done": 12}
 
 
+def test_events_that_arrive_while_a_batch_is_written_wait_for_the_next_turn(
+    client: FlaskClient, database: Database, settings_of: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that took every due event ends the pass: what arrives meanwhile is gathered into the
+    next turn's batch, not folded at once in a write transaction of its own (on SQLite each one
+    holds the write lock the hooks wait for)."""
+    for number in range(3):
+        post(client, "/hooks/pbx/generic", FINISHED | {"call_id": f"early-{number}"})
+    real_read = folding._read
+    arrived: list[int] = []
+
+    def read_while_more_arrive(*args: Any) -> Any:
+        if not arrived:  # while the first batch is being read, two more events come in
+            arrived.extend(post(client, "/hooks/pbx/generic", FINISHED | {"call_id": f"late-{n}"}) for n in range(2))
+        return real_read(*args)
+
+    monkeypatch.setattr(folding, "_read", read_while_more_arrive)
+    assert folding.apply_pending(database, settings_of, SOURCES, budget_seconds=60.0) == 3
+    assert snapshot(database)["applies"] == {"done": 3, "pending": 2}
+    assert folding.apply_pending(database, settings_of, SOURCES, budget_seconds=60.0) == 2
+    assert snapshot(database)["applies"] == {"done": 5}
+
+
 def test_batches_are_sized_so_that_their_writes_stay_short() -> None:
     target = folding.WRITE_SECONDS
     size = folding._BatchSize()
@@ -333,7 +356,7 @@ def test_postgres_a_worker_skips_the_events_another_worker_is_folding(
     for number in range(6):
         post(client, "/hooks/pbx/generic", FINISHED | {"call_id": f"call-{number}"})
     with database.write() as other:  # another worker's batch: the three oldest events, locked
-        held = folding._load(other, 3, lock=True)
+        held, _more = folding._load(other, 3, lock=True)
         assert len(held) == 3
         taken: list[int] = []
         meanwhile = threading.Thread(target=lambda: taken.append(folding.apply_pending(database, settings_of, SOURCES)))
