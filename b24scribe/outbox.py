@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import BindParameter, Executable, Integer, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from b24scribe import ratelimit
@@ -87,17 +87,59 @@ class Claim:
     claimed_at: float = 0.0
 
 
-def _due(now: float) -> tuple[ColumnElement[bool], ...]:
-    # apply jobs are folded in batches by b24scribe.folding, not claimed one by one
-    return (Job.state == JobState.PENDING, Job.next_attempt_at <= now, Job.kind != JobKind.APPLY)
+# The claim's statements, built once: a claim runs several times a second, and building and
+# compiling them anew each time cost more CPU than SQLite's running them. Their parameters:
+# ratelimit.blocked_params, and b_limit.
+_NOW = ratelimit.NOW
+# apply jobs are folded in batches by b24scribe.folding, not claimed one by one
+_DUE = (Job.state == JobState.PENDING, Job.next_attempt_at <= _NOW, Job.kind != JobKind.APPLY)
+_NOT_BLOCKED = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.BLOCKED))
+_ANY_CLAIMABLE = select(Job.id).where(*_DUE, _NOT_BLOCKED).limit(1)
+_CLAIM_COLUMNS = (
+    Job.id,
+    Job.kind,
+    Job.portal,
+    Job.attempts,
+    Job.ambiguous,
+    Job.call_id,
+    Job.event_id,
+    Job.transcript_id,
+)
+
+
+def _candidates(first_time: bool, lock: bool) -> Executable:
+    query = (
+        select(*_CLAIM_COLUMNS)
+        .where(*_DUE, Job.attempts == 0 if first_time else Job.attempts > 0, _NOT_BLOCKED)
+        .order_by(Job.next_attempt_at, Job.id)
+        .limit(bindparam("b_limit", type_=Integer()))
+    )
+    # locked: rows other claimers are taking are skipped, never waited for
+    return query.with_for_update(skip_locked=True, of=Job) if lock else query
+
+
+# (first_time, lock): due retries, then fresh jobs; locked on PostgreSQL
+_CANDIDATES = {
+    (first_time, lock): _candidates(first_time, lock) for first_time in (False, True) for lock in (False, True)
+}
+_LEASE = (
+    update(Job)
+    .where(Job.id.in_(bindparam("b_ids", expanding=True)))
+    .values(
+        state=JobState.LEASED,
+        lease_owner=bindparam("b_owner"),
+        lease_worker=bindparam("b_worker"),
+        lease_expires_at=bindparam("b_expires"),
+        updated_at=bindparam("b_updated"),
+    )
+)
 
 
 def any_claimable(session: Session, pace: Pace, now: float | None = None) -> bool:
     """Whether any due job's portal may take a request now: a read, so an idle or throttled worker
     on SQLite does not take the write lock (which the hooks wait for) just to find nothing."""
     now = time.time() if now is None else now
-    not_blocked = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.blocked_portals(now, pace)))
-    return session.scalar(select(Job.id).where(*_due(now), not_blocked).limit(1)) is not None
+    return session.connection().execute(_ANY_CLAIMABLE, ratelimit.blocked_params(now, pace)).first() is not None
 
 
 def claim_batch(
@@ -117,20 +159,13 @@ def claim_batch(
     `worker` is the process holding the leases (its heartbeat row); by default `owner`.
     """
     now = time.time() if now is None else now
-    not_blocked = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.blocked_portals(now, pace)))
+    params: dict[str, Any] = ratelimit.blocked_params(now, pace)
     wanted = limit * 2  # room for jobs of portals that run out of tokens or slots within the batch
-    columns = (Job.id, Job.kind, Job.portal, Job.attempts, Job.ambiguous, Job.call_id, Job.event_id, Job.transcript_id)
     rows: list[Any] = []
+    connection = session.connection()
     for first_time in (False, True):  # due retries, then fresh jobs
-        query = (
-            select(*columns)
-            .where(*_due(now), Job.attempts == 0 if first_time else Job.attempts > 0, not_blocked)
-            .order_by(Job.next_attempt_at, Job.id)
-            .limit(wanted - len(rows))
-        )
-        if is_postgres:  # rows other claimers are taking are skipped, never waited for
-            query = query.with_for_update(skip_locked=True, of=Job)
-        rows += session.execute(query).all()
+        params["b_limit"] = wanted - len(rows)
+        rows += connection.execute(_CANDIDATES[first_time, is_postgres], params).all()
         if len(rows) >= wanted:
             break
     if not rows:
@@ -169,16 +204,15 @@ def claim_batch(
         return []
     for budget in portal_budgets.values():
         ratelimit.spend(budget, now)
-    session.execute(
-        update(Job)
-        .where(Job.id.in_([c.job_id for c in chosen]))
-        .values(
-            state=JobState.LEASED,
-            lease_owner=owner,
-            lease_worker=worker or owner,
-            lease_expires_at=now + pace.lease_seconds,
-            updated_at=now,
-        )
+    connection.execute(
+        _LEASE,
+        {
+            "b_ids": [c.job_id for c in chosen],
+            "b_owner": owner,
+            "b_worker": worker or owner,
+            "b_expires": now + pace.lease_seconds,
+            "b_updated": now,
+        },
     )
     return chosen
 
@@ -206,10 +240,14 @@ def leased_jobs(session: Session, claims: Sequence[Claim]) -> dict[int, Job]:
     if not claims:
         return {}
     owners = {claim.job_id: claim.owner for claim in claims}
-    query = select(Job).where(Job.id.in_(list(owners)), Job.state == JobState.LEASED).order_by(Job.id)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return {job.id: job for job in session.scalars(query) if job.lease_owner == owners[job.id]}
+    query = _LEASED[session.get_bind().dialect.name == "postgresql"]
+    return {job.id: job for job in session.scalars(query, {"b_ids": list(owners)}) if job.lease_owner == owners[job.id]}
+
+
+_LEASED_ROWS = (
+    select(Job).where(Job.id.in_(bindparam("b_ids", expanding=True)), Job.state == JobState.LEASED).order_by(Job.id)
+)
+_LEASED = {False: _LEASED_ROWS, True: _LEASED_ROWS.with_for_update()}  # locked on PostgreSQL
 
 
 def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float, now: float | None = None) -> int:
@@ -324,52 +362,51 @@ def run_releases(session: Session, now: float) -> int:
     # same transaction must be in the database before they look for it (no lost wake-up).
     session.flush()
     released = 0
+    connection = session.connection()
     for kind, call_ids in sorted(session.info.pop("release_waiting", {}).items()):
-        released += affected_rows(
-            session.connection().execute(
-                update(Job)
-                .where(Job.call_id.in_(sorted(call_ids)), Job.kind == kind, Job.state == JobState.WAITING)
-                .values(state=JobState.PENDING, next_attempt_at=now, updated_at=now, last_error=None)
-            )
-        )
+        params = {"b_calls": sorted(call_ids), "b_kind": kind, "b_now": now}
+        released += affected_rows(connection.execute(_RELEASE, params))
     hurried: dict[tuple[str, str], list[int]] = {}
     for kind, reason, call_id in sorted(session.info.pop("hurry", set())):
         hurried.setdefault((kind, reason), []).append(call_id)
     for (kind, reason), call_ids in hurried.items():
-        released += affected_rows(
-            session.connection().execute(
-                update(Job)
-                .where(
-                    Job.call_id.in_(call_ids),
-                    Job.kind == kind,
-                    Job.state == JobState.PENDING,
-                    Job.last_error == reason,
-                    Job.next_attempt_at > now,
-                )
-                .values(next_attempt_at=now, updated_at=now)
-            )
-        )
+        params = {"b_calls": call_ids, "b_kind": kind, "b_reason": reason, "b_now": now}
+        released += affected_rows(connection.execute(_HURRY, params))
     if revive := sorted(session.info.pop("revive_orphans", set())):
-        released += affected_rows(
-            session.connection().execute(
-                update(Job)
-                .where(
-                    Job.call_id.in_(revive),
-                    Job.kind == JobKind.ATTACH,
-                    Job.state == JobState.DEAD,
-                    Job.dead_reason == DeadReason.ORPHAN,
-                )
-                .values(
-                    state=JobState.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    updated_at=now,
-                    last_error=None,
-                    dead_reason=None,
-                )
-            )
-        )
+        released += affected_rows(connection.execute(_REVIVE, {"b_calls": revive, "b_now": now}))
     return released
+
+
+# run_releases' statements, built once (they run with most outcomes)
+_CALLS: BindParameter[list[int]] = bindparam("b_calls", expanding=True)
+_RELEASE = (
+    update(Job)
+    .where(Job.call_id.in_(_CALLS), Job.kind == bindparam("b_kind"), Job.state == JobState.WAITING)
+    .values(state=JobState.PENDING, next_attempt_at=_NOW, updated_at=_NOW, last_error=None)
+)
+_HURRY = (
+    update(Job)
+    .where(
+        Job.call_id.in_(_CALLS),
+        Job.kind == bindparam("b_kind"),
+        Job.state == JobState.PENDING,
+        Job.last_error == bindparam("b_reason"),
+        Job.next_attempt_at > _NOW,
+    )
+    .values(next_attempt_at=_NOW, updated_at=_NOW)
+)
+_REVIVE = (
+    update(Job)
+    .where(
+        Job.call_id.in_(_CALLS),
+        Job.kind == JobKind.ATTACH,
+        Job.state == JobState.DEAD,
+        Job.dead_reason == DeadReason.ORPHAN,
+    )
+    .values(
+        state=JobState.PENDING, attempts=0, next_attempt_at=_NOW, updated_at=_NOW, last_error=None, dead_reason=None
+    )
+)
 
 
 # The stage a call must have reached for a waiting job of each kind to go ahead.

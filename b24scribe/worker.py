@@ -75,6 +75,7 @@ class Worker:
         self._senders_idle = threading.Condition(self._held_lock)  # notified whenever a sender finishes
         self._sweep_after: tuple[float, int] | None = None
         self.claims = 0  # claim transactions that leased jobs (a figure for tests and benchmarks)
+        self._found_jobs = False  # the last claim leased jobs (on SQLite the next one skips the read first)
         self.last_turn = (0, 0)  # events folded and jobs claimed by the last turn
         self._sent = 0  # jobs the sender threads have finished (drain looks again when it moves)
         self._last_housekeeping = 0.0
@@ -86,7 +87,8 @@ class Worker:
         """Lease up to `limit` due jobs whose portals may take them now, in one transaction."""
         owner = f"{self.worker_id}:{threading.get_ident()}"
         now = time.time()
-        if self.db.is_sqlite:
+        if self.db.is_sqlite and not self._found_jobs:
+            # After a claim that found jobs, more are likely due: the read would only cost CPU.
             with self.db.read() as session:
                 if not outbox.any_claimable(session, self.pace, now):
                     return []
@@ -100,6 +102,7 @@ class Worker:
                 now=now,
                 worker=self.worker_id,
             )
+            self._found_jobs = bool(claims)
             if claims:
                 self.claims += 1
                 self.deliverer.prepare(session, claims)  # the jobs' calls, read in this transaction

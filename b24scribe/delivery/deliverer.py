@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import requests
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from b24scribe.bitrix24 import Bitrix24Client
@@ -34,6 +34,7 @@ from b24scribe.settings import Settings
 from b24scribe.sources import Sources
 
 log = structlog.get_logger(__name__)
+_CALLS = select(Call).where(Call.id.in_(bindparam("b_ids", expanding=True)))
 
 
 class Deliverer:
@@ -103,7 +104,7 @@ class Deliverer:
         ids = sorted({claim.call_id for claim in claims if claim.call_id is not None})
         if not ids:
             return
-        calls = {call.id: call for call in session.scalars(select(Call).where(Call.id.in_(ids)))}
+        calls = {call.id: call for call in session.scalars(_CALLS, {"b_ids": ids})}
         for call in calls.values():
             session.expunge(call)
         with self._prepared_lock:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from b24scribe import outbox
@@ -233,14 +233,14 @@ def _attached(session: Session, job: Job, outcome: Attached) -> None:
     now = time.time()
     if not outcome.dry_run and outcome.note is None:
         _insert_ledger(session, outcome)
-    session.execute(
-        update(TranscriptPart)
-        .where(TranscriptPart.id.in_(outcome.part_ids))
-        .values(
-            delivery_state="empty" if outcome.note else "dry-run" if outcome.dry_run else "delivered",
-            b24_transcript_id=outcome.transcript_id,
-            delivered_at=now,
-        )
+    session.connection().execute(
+        _PARTS_DELIVERED,
+        {
+            "b_parts": list(outcome.part_ids),
+            "b_state": "empty" if outcome.note else "dry-run" if outcome.dry_run else "delivered",
+            "b_transcript": outcome.transcript_id,
+            "b_now": now,
+        },
     )
     job.request = {"method": ATTACH, "params": outcome.params}
     result: dict[str, Any] = {"TRANSCRIPT_ID": outcome.transcript_id, "dry_run": outcome.dry_run}
@@ -249,6 +249,23 @@ def _attached(session: Session, job: Job, outcome: Attached) -> None:
     if outcome.note:
         result["note"] = outcome.note
     outbox.complete(session, job, result, now)
+
+
+# The attach outcome's statements, built once (one per transcript that goes).
+_PARTS_DELIVERED = (
+    update(TranscriptPart)
+    .where(TranscriptPart.id.in_(bindparam("b_parts", expanding=True)))
+    .values(
+        delivery_state=bindparam("b_state"),
+        b24_transcript_id=bindparam("b_transcript"),
+        delivered_at=bindparam("b_now"),
+    )
+)
+_LEDGER_KEY = ["portal", "b24_call_id", "sha256"]
+_LEDGER = {
+    dialect: upsert_insert(dialect)(AttachLedger).on_conflict_do_nothing(index_elements=_LEDGER_KEY)
+    for dialect in ("sqlite", "postgresql")
+}
 
 
 def _keep_the_fact(session: Session, outcome: Attached) -> None:
@@ -266,10 +283,8 @@ def _insert_ledger(session: Session, outcome: Attached) -> None:
         "possible_duplicate": outcome.possible_duplicate,
         "attached_at": outcome.attached_at,
     }
-    insert = upsert_insert(session)
-    session.execute(
-        insert(AttachLedger).values(**values).on_conflict_do_nothing(index_elements=["portal", "b24_call_id", "sha256"])
-    )
+    connection = session.connection()
+    connection.execute(_LEDGER[connection.dialect.name], values)
 
 
 def recording_on_its_way(session: Session, call_id: int) -> bool:

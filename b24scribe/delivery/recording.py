@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,8 @@ from b24scribe.ratelimit import Pace
 log = structlog.get_logger(__name__)
 
 MAX_REASON = 500  # characters of an unexpected error kept as the job's last_error
+_CALL_ROWS = select(Call).where(Call.id.in_(bindparam("b_ids", expanding=True))).order_by(Call.id)
+_CALLS = {False: _CALL_ROWS, True: _CALL_ROWS.with_for_update()}  # locked on PostgreSQL
 
 Apply = Callable[[Session, Job], None]
 OnLost = Callable[[Session], None]
@@ -206,10 +208,8 @@ class Recorder:
             # either it sees the stage this outcome commits, or its waiting job is committed
             # before `run_releases` below looks for it (no lost wake-up).
             call_ids = sorted({o.claim.call_id for o in outcomes if o.claim.call_id is not None})
-            calls_query = select(Call).where(Call.id.in_(call_ids)).order_by(Call.id)
-            if not self.db.is_sqlite:
-                calls_query = calls_query.with_for_update()
-            calls = session.scalars(calls_query).all() if call_ids else []
+            calls_query = _CALLS[not self.db.is_sqlite]
+            calls = session.scalars(calls_query, {"b_ids": call_ids}).all() if call_ids else []
             for outcome in outcomes:
                 job = jobs.get(outcome.claim.job_id)
                 if job is None or job.state != JobState.LEASED:
