@@ -289,8 +289,14 @@ def _insert_ledger(session: Session, outcome: Attached) -> None:
 
 def recording_on_its_way(session: Session, call_id: int) -> bool:
     """The call has a record job not yet over."""
-    query = select(Job.id).where(Job.call_id == call_id, Job.kind == JobKind.RECORD, Job.state.in_(OPEN_JOB_STATES))
-    return session.scalar(query.limit(1)) is not None
+    return session.connection().execute(_RECORD_OPEN, {"b_call": call_id}).first() is not None
+
+
+_RECORD_OPEN = (
+    select(Job.id)
+    .where(Job.call_id == bindparam("b_call"), Job.kind == JobKind.RECORD, Job.state.in_(OPEN_JOB_STATES))
+    .limit(1)
+)
 
 
 def _wait_for_recording(session: Session, job: Job, outcome: WaitForRecording) -> None:

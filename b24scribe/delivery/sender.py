@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from b24scribe import metrics, outbox, ratelimit
@@ -46,6 +46,9 @@ from b24scribe.ratelimit import Pace
 from b24scribe.settings import Settings
 
 log = structlog.get_logger(__name__)
+_LEASE_EXPIRES = select(Job.lease_expires_at).where(
+    Job.id == bindparam("b_id"), Job.state == JobState.LEASED, Job.lease_owner == bindparam("b_owner")
+)
 
 # An installed portal's access token that no longer works: refreshed once, the request replayed.
 EXPIRED_TOKEN_CODES = frozenset({"expired_token", "invalid_token"})
@@ -201,11 +204,7 @@ class PortalSender:
         ):
             return True
         with self.db.read() as session:
-            expires = session.scalar(
-                select(Job.lease_expires_at).where(
-                    Job.id == claim.job_id, Job.state == JobState.LEASED, Job.lease_owner == claim.owner
-                )
-            )
+            expires = session.connection().scalar(_LEASE_EXPIRES, {"b_id": claim.job_id, "b_owner": claim.owner})
         return expires is not None and expires - time.time() > margin
 
     def _wait_for_token(self, portal: str) -> None:

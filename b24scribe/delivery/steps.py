@@ -14,7 +14,7 @@ from typing import Any
 
 import requests
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from b24scribe.bitrix24 import (
@@ -171,7 +171,7 @@ class Steps:
                 self.record(claim, WaitForRecording(call.id, until))
                 return
         with self.db.read() as session:
-            parts = list(session.scalars(select(TranscriptPart).where(TranscriptPart.call_id == call.id)))
+            parts = list(session.scalars(_PARTS, {"b_call": call.id}))
             session.expunge_all()
             chosen = current_parts(parts)
             if (other_until := _other_part_expected_until(session, chosen)) is not None and time.time() < other_until:
@@ -392,12 +392,15 @@ def _other_part_expected_until(session: Session, chosen: list[TranscriptPart]) -
     return min(part.received_at for part in chosen) + PARTS_WAIT_SECONDS
 
 
+# The attach step's reads, built once (one of each per transcript that goes).
+_PARTS = select(TranscriptPart).where(TranscriptPart.call_id == bindparam("b_call"))
+_LEDGER_IDS = select(AttachLedger.sha256, AttachLedger.b24_transcript_id).where(
+    AttachLedger.portal == bindparam("b_portal"), AttachLedger.b24_call_id == bindparam("b_b24_call")
+)
+
+
 def _attached_ids(session: Session, call: Call) -> dict[str, int | None]:
-    rows = session.execute(
-        select(AttachLedger.sha256, AttachLedger.b24_transcript_id).where(
-            AttachLedger.portal == call.portal, AttachLedger.b24_call_id == call.b24_call_id
-        )
-    ).all()
+    rows = session.connection().execute(_LEDGER_IDS, {"b_portal": call.portal, "b_b24_call": call.b24_call_id})
     return {sha: transcript_id for sha, transcript_id in rows}
 
 
