@@ -20,13 +20,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_SIZE = 20  # PostgreSQL connections a process keeps open (the app passes its senders + 4)
 
 
-def _sqlite_engine(url: str, immediate: bool) -> Engine:
+def _sqlite_engine(url: str, immediate: bool, pool_size: int) -> Engine:
     parsed = make_url(url)
+    pool: dict[str, int] = {}
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        pool = {"pool_size": pool_size, "max_overflow": pool_size}  # see Database: no connect per transaction
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -309,16 +312,20 @@ class Database:
     """The service's database: `write()` for transactions that change data, `read()` for views,
     `transact()` for the hooks' short write transactions (group-committed on SQLite)."""
 
-    def __init__(self, url: str, group_commit: bool | None = None) -> None:
+    def __init__(self, url: str, group_commit: bool | None = None, pool_size: int = POOL_SIZE) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
             if sqlite3.sqlite_version_info < (3, 35):
                 raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed")
-            self.write_engine = _sqlite_engine(url, immediate=True)
-            self.read_engine = _sqlite_engine(url, immediate=False)
+            self.write_engine = _sqlite_engine(url, immediate=True, pool_size=pool_size)
+            self.read_engine = _sqlite_engine(url, immediate=False, pool_size=pool_size)
         else:
-            self.write_engine = create_engine(url, pool_pre_ping=True)
+            # Connections kept open (`pool_size`) cover what one process runs at once (a worker's
+            # sender threads, a gevent web process's requests): with SQLAlchemy's default of 5,
+            # every transaction beyond five concurrent ones opened a connection (a PostgreSQL
+            # backend forked, SQLite's pragmas run again) and closed it again.
+            self.write_engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
             self.read_engine = self.write_engine
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
