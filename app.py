@@ -36,8 +36,7 @@ def create_app(settings: Settings | None = None, sources: Sources | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["b24scribe.settings"] = settings
-    # a worker's sender threads, its claim loop, heartbeat and housekeeping each hold a connection
-    app.extensions["b24scribe.db"] = Database(settings.database_url, pool_size=settings.worker_senders + 4)
+    app.extensions["b24scribe.db"] = Database(settings.database_url)
     app.extensions["b24scribe.metrics"] = Metrics()
     app.extensions["b24scribe.portals"] = Directory(app.extensions["b24scribe.db"], settings)
     if sources is None:

@@ -20,7 +20,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-POOL_SIZE = 20  # PostgreSQL connections a process keeps open (the app passes its senders + 4)
+# Connections a process keeps open, and as many more it may open for a moment (see Database):
+# PostgreSQL's are bounded by the server's max_connections (100 by default) over every process,
+# SQLite's (per engine) only by memory.
+POOL_SIZE = 10
+SQLITE_POOL_SIZE = 20
 
 
 def _sqlite_engine(url: str, immediate: bool, pool_size: int) -> Engine:
@@ -312,20 +316,22 @@ class Database:
     """The service's database: `write()` for transactions that change data, `read()` for views,
     `transact()` for the hooks' short write transactions (group-committed on SQLite)."""
 
-    def __init__(self, url: str, group_commit: bool | None = None, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, url: str, group_commit: bool | None = None) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
             if sqlite3.sqlite_version_info < (3, 35):
                 raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed")
-            self.write_engine = _sqlite_engine(url, immediate=True, pool_size=pool_size)
-            self.read_engine = _sqlite_engine(url, immediate=False, pool_size=pool_size)
+            self.write_engine = _sqlite_engine(url, immediate=True, pool_size=SQLITE_POOL_SIZE)
+            self.read_engine = _sqlite_engine(url, immediate=False, pool_size=SQLITE_POOL_SIZE)
         else:
-            # Connections kept open (`pool_size`) cover what one process runs at once (a worker's
-            # sender threads, a gevent web process's requests): with SQLAlchemy's default of 5,
-            # every transaction beyond five concurrent ones opened a connection (a PostgreSQL
-            # backend forked, SQLite's pragmas run again) and closed it again.
-            self.write_engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+            # Connections kept open (`pool_size`) cover what one process usually runs at once (its
+            # sender threads hold one only while they read or write, and the GIL lets few do so
+            # together): with SQLAlchemy's default of 5, every transaction beyond five concurrent
+            # ones opened a connection (a PostgreSQL backend forked, SQLite's pragmas run again)
+            # and closed it again. At most twice as many: web and worker processes together stay
+            # within PostgreSQL's default of 100 connections.
+            self.write_engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
             self.read_engine = self.write_engine
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)

@@ -73,7 +73,7 @@ class Settings:
     # a worker whose heartbeat is older than this is dead: its jobs and slots are taken back
     worker_dead_after_seconds: float = 10.0
     # requests one worker process has in flight at most, over all portals (its sender threads)
-    worker_senders: int = 16
+    worker_senders: int = 32
     lease_seconds: float = 60.0
     orphan_after_seconds: float = 24 * 3600.0
     worker_poll_seconds: float = 1.0

@@ -48,6 +48,7 @@ from bench.fault_run import backends, fresh_database  # noqa: E402
 from schemas.registry import SOURCES  # noqa: E402
 
 TARGET_MS = 2.0
+DEFAULT_SENDERS = Settings().worker_senders  # B24SCRIBE_WORKER_SENDERS as users run it
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def measure(
     portals: int,
     mode: str = "dry-run",
     profile: Path | None = None,
-    senders: int = 16,
+    senders: int = DEFAULT_SENDERS,
 ) -> CpuResult:
     """Queue the calls, then drain them (dry run, or sending to a fake Bitrix24) and time the worker's CPU."""
     with fake_bitrix24(portals) if mode == "sending" else _no_portals() as urls:
@@ -210,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--send-portals", type=int, default=8, help="portals of the fake Bitrix24 when sending")
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], action="append")
     parser.add_argument("--mode", choices=["dry-run", "sending"], action="append")
-    parser.add_argument("--senders", type=int, default=16, help="B24SCRIBE_WORKER_SENDERS when sending")
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=DEFAULT_SENDERS,
+        help="B24SCRIBE_WORKER_SENDERS when sending (default: its default)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of the drain here")
     args = parser.parse_args(argv)
     import logging

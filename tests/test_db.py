@@ -322,3 +322,26 @@ def test_under_gevent_waiting_for_the_write_lock_lets_the_other_greenlets_run(sq
     assert child.wait(30) == 0
     assert after == {"written": 1}
     assert "after the wait" in stored(sqlite_db)
+
+
+def test_concurrent_transactions_reuse_the_connections_they_opened(db: Database) -> None:
+    """A worker's sender threads read at once, over and over: each connection is opened
+    once and kept, never opened and closed per transaction (on PostgreSQL each open forks a
+    backend; SQLAlchemy's default pool kept only 5 and closed the rest on return)."""
+    from sqlalchemy import event
+
+    opened: list[object] = []
+    for engine in {db.write_engine, db.read_engine}:
+        event.listen(engine, "connect", lambda connection, _record: opened.append(connection))
+    inside = threading.Barrier(8)
+
+    def transactions(_index: int) -> None:
+        for _round in range(20):
+            with db.read() as session:
+                session.execute(text("SELECT 1"))
+                inside.wait(10)  # all eight hold a connection at once, every round
+            inside.wait(10)  # and then all eight have given it back
+
+    assert run_concurrently(8, transactions) == []
+    # 8 threads, 160 transactions: no more connections than were ever in use at once
+    assert len(opened) <= 8, f"{len(opened)} connections opened for 160 transactions"

@@ -315,7 +315,7 @@ def test_engine_settings_are_checked_at_start_naming_the_variable(name: str, raw
 
 def test_engine_settings_defaults_and_values() -> None:
     defaults = load_settings({}, dotenv=False)
-    assert (defaults.portal_concurrency, defaults.worker_dead_after_seconds, defaults.worker_senders) == (4, 10.0, 16)
+    assert (defaults.portal_concurrency, defaults.worker_dead_after_seconds, defaults.worker_senders) == (4, 10.0, 32)
     chosen = load_settings(
         {
             "B24SCRIBE_PORTAL_CONCURRENCY": "2",
