@@ -125,7 +125,10 @@ class _Stored:
 
 _CANDIDATES = (
     select(Job.id, Job.event_id)
-    .where(Job.state == "pending", Job.kind == "apply", Job.next_attempt_at <= bindparam("now"))
+    # `+ 0`: SQLite's planner would otherwise walk ix_job_due, every pending job of every kind (a
+    # delivery backlog of tens of thousands), and sort them by id, for each batch; this way it
+    # takes ix_job_apply_due (kind, state, id), already in order
+    .where(Job.state == "pending", Job.kind == "apply", Job.next_attempt_at + 0 <= bindparam("now"))
     .order_by(Job.id)
     .limit(bindparam("size"))
 )

@@ -108,9 +108,20 @@ _CLAIM_COLUMNS = (
 
 
 def _candidates(first_time: bool, lock: bool) -> Executable:
+    if first_time:
+        due = (*_DUE, Job.attempts == 0)
+    else:
+        # `+ 0`: SQLite's planner would otherwise walk ix_job_due, every due job (a backlog of
+        # fresh ones), to find the few retries; this way it takes ix_job_claim (state, attempts, …)
+        due = (
+            Job.state == JobState.PENDING,
+            Job.next_attempt_at + 0 <= _NOW,
+            Job.kind != JobKind.APPLY,
+            Job.attempts > 0,
+        )
     query = (
         select(*_CLAIM_COLUMNS)
-        .where(*_DUE, Job.attempts == 0 if first_time else Job.attempts > 0, _NOT_BLOCKED)
+        .where(*due, _NOT_BLOCKED)
         .order_by(Job.next_attempt_at, Job.id)
         .limit(bindparam("b_limit", type_=Integer()))
     )
