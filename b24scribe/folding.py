@@ -132,6 +132,7 @@ _CANDIDATES = (
     .order_by(Job.id)
     .limit(bindparam("size"))
 )
+_CANDIDATES_LOCKED = _CANDIDATES.with_for_update(skip_locked=True, of=Job)  # PostgreSQL: others' rows skipped
 _LENGTHS = select(InboundEvent.id, func.length(InboundEvent.body)).where(
     InboundEvent.id.in_(bindparam("ids", expanding=True))
 )
@@ -148,7 +149,7 @@ _EVENTS = select(
 def _load(session: Session, size: int, lock: bool) -> tuple[list[_Stored], bool]:
     """The oldest due apply jobs and their events (`lock`: locked, skipping those others hold), and
     whether more were due than it took (the batch was full, or cut short by BATCH_BYTES)."""
-    query = _CANDIDATES.with_for_update(skip_locked=True, of=Job) if lock else _CANDIDATES
+    query = _CANDIDATES_LOCKED if lock else _CANDIDATES
     # the jobs alone first: joining the events before the LIMIT would read every due event's row
     candidates = session.execute(query, {"now": time.time(), "size": size}).all()
     if not candidates:
@@ -201,12 +202,13 @@ _DEAD = (
 
 
 _STATES = select(Job.id, Job.state, Job.next_attempt_at).where(Job.id.in_(bindparam("ids", expanding=True)))
+_STATES_LOCKED = _STATES.with_for_update(skip_locked=True)
 
 
 def _still_due(session: Session, job_ids: Sequence[int], lock: bool) -> set[int]:
     """Which of these apply jobs are still due (another worker may have folded some meanwhile)."""
     # by primary key, filtered here: SQLite would otherwise walk the index of every due job
-    query = _STATES.with_for_update(skip_locked=True) if lock else _STATES
+    query = _STATES_LOCKED if lock else _STATES
     now = time.time()
     rows = session.execute(query, {"ids": list(job_ids)})
     return {job_id for job_id, state, due_at in rows if state == "pending" and due_at <= now}
