@@ -289,8 +289,7 @@ def _insert_ledger(session: Session, outcome: Attached) -> None:
 
 def recording_on_its_way(session: Session, call_id: int) -> bool:
     """The call has a record job not yet over."""
-    session.flush()  # a record job ended earlier in this same group commit is seen ended
-    return session.connection().execute(_RECORD_OPEN, {"b_call": call_id}).first() is not None
+    return session.scalar(_RECORD_OPEN, {"b_call": call_id}) is not None
 
 
 _RECORD_OPEN = (
