@@ -92,7 +92,8 @@ class Claim:
 # ratelimit.blocked_params, and b_limit.
 _NOW = ratelimit.NOW
 # apply jobs are folded in batches by b24scribe.folding, not claimed one by one
-_DUE = (Job.state == JobState.PENDING, Job.next_attempt_at <= _NOW, Job.kind != JobKind.APPLY)
+_PENDING = (Job.state == JobState.PENDING, Job.kind != JobKind.APPLY)
+_DUE = (*_PENDING, Job.next_attempt_at <= _NOW)
 _NOT_BLOCKED = or_(Job.portal.is_(None), Job.portal.not_in(ratelimit.BLOCKED))
 _ANY_CLAIMABLE = select(Job.id).where(*_DUE, _NOT_BLOCKED).limit(1)
 _CLAIM_COLUMNS = (
@@ -108,17 +109,10 @@ _CLAIM_COLUMNS = (
 
 
 def _candidates(first_time: bool, lock: bool) -> Executable:
-    if first_time:
-        due = (*_DUE, Job.attempts == 0)
-    else:
-        # `+ 0`: SQLite's planner would otherwise walk ix_job_due, every due job (a backlog of
-        # fresh ones), to find the few retries; this way it takes ix_job_claim (state, attempts, …)
-        due = (
-            Job.state == JobState.PENDING,
-            Job.next_attempt_at + 0 <= _NOW,
-            Job.kind != JobKind.APPLY,
-            Job.attempts > 0,
-        )
+    # retries: `+ 0` keeps SQLite's planner off ix_job_due, which would walk every due job (a
+    # backlog of fresh ones) to find the few retries; it takes ix_job_claim (state, attempts, …)
+    retries = (*_PENDING, Job.next_attempt_at + 0 <= _NOW, Job.attempts > 0)
+    due = (*_DUE, Job.attempts == 0) if first_time else retries
     query = (
         select(*_CLAIM_COLUMNS)
         .where(*due, _NOT_BLOCKED)
