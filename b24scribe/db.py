@@ -27,12 +27,13 @@ POOL_SIZE = 10
 SQLITE_POOL_SIZE = 20
 
 
-def _sqlite_engine(url: str, immediate: bool, pool_size: int) -> Engine:
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
     parsed = make_url(url)
     pool: dict[str, int] = {}
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        pool = {"pool_size": pool_size, "max_overflow": pool_size}  # see Database: no connect per transaction
+        # see Database: no connect (and pragmas) per transaction
+        pool = {"pool_size": SQLITE_POOL_SIZE, "max_overflow": SQLITE_POOL_SIZE}
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
 
     @event.listens_for(engine, "connect")
@@ -322,8 +323,8 @@ class Database:
         if self.is_sqlite:
             if sqlite3.sqlite_version_info < (3, 35):
                 raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed")
-            self.write_engine = _sqlite_engine(url, immediate=True, pool_size=SQLITE_POOL_SIZE)
-            self.read_engine = _sqlite_engine(url, immediate=False, pool_size=SQLITE_POOL_SIZE)
+            self.write_engine = _sqlite_engine(url, immediate=True)
+            self.read_engine = _sqlite_engine(url, immediate=False)
         else:
             # Connections kept open (`pool_size`) cover what one process usually runs at once (its
             # sender threads hold one only while they read or write, and the GIL lets few do so
