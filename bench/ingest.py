@@ -112,6 +112,7 @@ class Measured:
     committed: int = 0  # events in the database afterwards
     in_flight_at_stop: int = 0
     worker_cpu: tuple[float, ...] = ()  # CPU seconds of each gunicorn worker during the measured run
+    folder_cpu: float = 0.0  # CPU seconds of the Procfile's worker during the measured run (web + worker)
     fold_backlog: int = 0  # events not folded yet when the load stopped (web + worker)
     delivery_backlog: int = 0  # deliveries not done when the load stopped (paced: 2/s per portal)
     fold_left: int = 0  # events still not folded after the drain wait
@@ -196,7 +197,10 @@ def measure(
         worker = start_worker(space, env, name=f"worker-{name}") if mode == "procfile" else None
         try:
             warm = run_wrk(web.url, kind, f"app-{name}-warm", WARMUP_SECONDS, space, body_file)
-            measured, cpu = _measured_run(web.worker_pids(), web.url, kind, f"app-{name}", seconds, space, body_file)
+            pids = web.worker_pids() + ([worker.pid] if worker is not None else [])
+            measured, cpu = _measured_run(pids, web.url, kind, f"app-{name}", seconds, space, body_file)
+            folder_cpu = cpu[-1] if worker is not None else 0.0
+            cpu = cpu[:-1] if worker is not None else cpu
             with DatabaseProbe(url) as probe:
                 backlog = (probe.backlog("fold"), probe.backlog("delivery"))
             left, drained = (0, 0.0)
@@ -214,7 +218,18 @@ def measure(
         in_flight = (warm.sent - warm.ok - warm.non_2xx) + (measured.sent - measured.ok - measured.non_2xx)
         committed = count_rows(url, "inbound_event")
     return Measured(
-        server, measured, backend, mode, acknowledged, committed, in_flight, cpu, *backlog, left, round(drained, 2)
+        server,
+        measured,
+        backend,
+        mode,
+        acknowledged,
+        committed,
+        in_flight,
+        cpu,
+        folder_cpu,
+        *backlog,
+        left,
+        round(drained, 2),
     )
 
 
@@ -361,7 +376,8 @@ def _runs_note(label: str, runs: list[Measured]) -> str:
         f"{m.run.requests_per_second:,.0f} req/s (p50 {m.run.p50_ms:.1f} ms, p99 {m.run.p99_ms:.1f} ms, "
         f"CPU s per gunicorn worker {' + '.join(f'{c:.1f}' for c in m.worker_cpu)}"
         + (
-            f", at stop {m.fold_backlog:,} events to fold and {m.delivery_backlog:,} deliveries, "
+            f", worker CPU s {m.folder_cpu:.1f}, "
+            f"at stop {m.fold_backlog:,} events to fold and {m.delivery_backlog:,} deliveries, "
             f"folded {m.drain_seconds:.1f} s later"
             if m.mode == "procfile"
             else ""
