@@ -103,6 +103,8 @@ class Bitrix24Client:
         self.session = session
         self._timeout = urllib3.Timeout(connect=min(timeout, 10.0), read=timeout)
         self._pool: urllib3.PoolManager | None = None
+        self._direct: urllib3.connectionpool.HTTPConnectionPool | None = None  # no proxy: the portal's own pool
+        self._base_path = urlsplit(self.base_url).path
         if session is None:
             environment = requests.Session().merge_environment_settings(self.base_url, {}, None, None, None)
             verify = environment.get("verify")
@@ -110,6 +112,11 @@ class Bitrix24Client:
             proxy = (environment.get("proxies") or {}).get(urlsplit(self.base_url).scheme)
             options: dict[str, Any] = {"maxsize": max(1, pool_size), "ca_certs": ca_certs, "retries": False}
             self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+            if not proxy:
+                # Every method goes to the same host: take its pool once, rather than have the
+                # PoolManager parse the URL and look the pool up on each request (~0.1 ms of CPU a
+                # request, measured against the fake Bitrix24 on loopback).
+                self._direct = self._pool.connection_from_url(self.base_url)
 
     def call(self, method: str, params: dict[str, Any]) -> Response:
         """POST one method with a JSON body and return its result, or raise a Bitrix24Error."""
@@ -118,7 +125,18 @@ class Bitrix24Client:
             return self._call_through_session(url, params)
         body = json.dumps(params, allow_nan=False).encode()
         try:
-            answer = self._pool.request("POST", url, body=body, headers=JSON_HEADERS, timeout=self._timeout)
+            if self._direct is not None:
+                # a REST method answers itself; a redirect is not followed (its 3xx is not JSON: retried)
+                answer = self._direct.urlopen(
+                    "POST",
+                    f"{self._base_path}{method}.json",
+                    body=body,
+                    headers=JSON_HEADERS,
+                    timeout=self._timeout,
+                    redirect=False,
+                )
+            else:
+                answer = self._pool.request("POST", url, body=body, headers=JSON_HEADERS, timeout=self._timeout)
         except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.LocationValueError) as exc:
             # NewConnectionError (refused, no such host) is a ConnectTimeoutError too: nothing was sent
             refused = isinstance(exc, urllib3.exceptions.NewConnectionError) and "refused" in str(exc).lower()

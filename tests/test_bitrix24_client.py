@@ -129,10 +129,12 @@ class _Recording(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list[tuple[int, str | None, bytes]] = []
+    paths: list[str] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.client_address[1], self.headers["Content-Type"], body))
+        self.paths.append(self.path)
         answer = json.dumps({"result": True, "time": {}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -147,7 +149,7 @@ class _Recording(BaseHTTPRequestHandler):
 def test_requests_reuse_the_portals_keep_alive_connection_and_send_plain_json() -> None:
     """One connection carries one request after another (no connect per request), and the body is
     the JSON `requests` would send, non-ASCII escaped, with its content type."""
-    _Recording.seen = []
+    _Recording.seen, _Recording.paths = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -161,3 +163,22 @@ def test_requests_reuse_the_portals_keep_alive_connection_and_send_plain_json() 
     assert len({port for port, _, _ in _Recording.seen}) == 1
     assert {content_type for _, content_type, _ in _Recording.seen} == {"application/json"}
     assert _Recording.seen[0][2] == json.dumps({"CALL_ID": "c0", "NOTE": "Grüße"}).encode()
+    assert set(_Recording.paths) == {"/rest/1/abc/telephony.externalCall.finish.json"}
+
+
+def test_a_proxy_from_the_environment_carries_the_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY is honoured as `requests` would: the request goes to the proxy, naming the portal."""
+    _Recording.seen, _Recording.paths = [], []
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
+    try:
+        client = Bitrix24Client("http://portal.example/rest/1/abc/", timeout=2.0)
+        assert client.call("telephony.externalCall.finish", {"CALL_ID": "c0"}).result
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert _Recording.paths == ["http://portal.example/rest/1/abc/telephony.externalCall.finish.json"]
