@@ -9,6 +9,7 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -24,6 +26,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # PostgreSQL's are bounded by the server's max_connections (100 by default) over every process,
 # SQLite's (per engine) only by memory.
 POOL_SIZE = 10
+PING_IDLE_SECONDS = 0.25  # a PostgreSQL connection idle longer than this is pinged before use
 SQLITE_POOL_SIZE = 20
 
 
@@ -60,6 +63,33 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
 
 
 T = TypeVar("T")
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Ping a pooled connection before use if it sat idle more than PING_IDLE_SECONDS; a dead one
+    is replaced (SQLAlchemy retries the checkout with a new connection), so a PostgreSQL restart
+    costs no request once the database is back.
+
+    SQLAlchemy's `pool_pre_ping` pings on every checkout: a round trip for each hook request and
+    each of the worker's transactions, ~10 % of the worker's CPU per job (bench/delivery_cpu.py).
+    A restart takes longer than PING_IDLE_SECONDS, so a connection that outlived one has been idle
+    at least that long (or failed in use, which invalidates the pool); the pool is LIFO, so under
+    load the same few connections are reused within milliseconds and never pinged.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["b24scribe_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("b24scribe_idle_since", None)
+        if since is None or time.monotonic() - since < PING_IDLE_SECONDS:
+            return  # just opened, or back in use within moments
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise DisconnectionError(f"a pooled connection failed its ping: {type(error).__name__}") from error
 
 
 class WriteLock:
@@ -332,7 +362,8 @@ class Database:
             # ones opened a connection (a PostgreSQL backend forked, SQLite's pragmas run again)
             # and closed it again. At most twice as many: web and worker processes together stay
             # within PostgreSQL's default of 100 connections.
-            self.write_engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
+            self.write_engine = create_engine(url, pool_use_lifo=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
+            _ping_idle_connections(self.write_engine)
             self.read_engine = self.write_engine
         self._write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)

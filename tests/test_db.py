@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from b24scribe import db as db_module
 from b24scribe.db import Database, GroupCommitter
 
 
@@ -345,3 +346,73 @@ def test_concurrent_transactions_reuse_the_connections_they_opened(db: Database)
     assert run_concurrently(8, transactions) == []
     # 8 threads, 160 transactions: no more connections than were ever in use at once
     assert len(opened) <= 8, f"{len(opened)} connections opened for 160 transactions"
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[tuple[Database, str]]:
+    """A Database of its own on the test PostgreSQL, named so its server connections can be found."""
+    from tests.conftest import POSTGRES_URL
+
+    if POSTGRES_URL is None:
+        pytest.skip("needs B24SCRIBE_TEST_POSTGRES_URL")
+    name = f"b24scribe-ping-{time.monotonic_ns()}"
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    database = Database(f"{POSTGRES_URL}{separator}application_name={name}")
+    try:
+        yield database, name
+    finally:
+        database.dispose()
+
+
+def _count_pings(database: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    pinged: list[object] = []
+    ping = database.write_engine.dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        pinged.append(dbapi_connection)
+        return bool(ping(dbapi_connection))
+
+    monkeypatch.setattr(database.write_engine.dialect, "do_ping", counted)
+    return pinged
+
+
+def test_postgresql_connections_in_steady_use_are_not_pinged(
+    postgres_db: tuple[Database, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction after another within moments costs no ping round trip; one after a pause does."""
+    database, _ = postgres_db
+    pinged = _count_pings(database, monkeypatch)
+    for _ in range(50):
+        with database.read() as session:
+            assert session.execute(text("SELECT 1")).scalar() == 1
+    assert pinged == []
+    time.sleep(db_module.PING_IDLE_SECONDS + 0.1)
+    with database.read() as session:
+        assert session.execute(text("SELECT 1")).scalar() == 1
+    assert len(pinged) == 1
+
+
+def test_a_postgresql_connection_killed_while_idle_is_replaced_before_use(
+    postgres_db: tuple[Database, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server restart (here: the server ends the pool's connections) costs no transaction after it."""
+    from sqlalchemy import create_engine
+
+    database, name = postgres_db
+    with database.write() as session:
+        before = session.execute(text("SELECT pg_backend_pid()")).scalar()
+    admin = create_engine(database.url.split("?")[0], isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            killed = connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :name"),
+                {"name": name},
+            ).all()
+        assert len(killed) == 1
+    finally:
+        admin.dispose()
+    pinged = _count_pings(database, monkeypatch)
+    time.sleep(db_module.PING_IDLE_SECONDS + 0.1)
+    with database.write() as session:
+        after = session.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert len(pinged) == 1 and after != before
