@@ -164,7 +164,7 @@ class _Pending:
 
     __slots__ = ("work", "done", "result", "error", "committed")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any], done: Any = None) -> None:
+    def __init__(self, work: Callable[[Any], Any], done: Any = None) -> None:
         self.work = work
         self.done = done  # how the request waits: a held Lock (threads) or a gevent Waiter
         self.result: Any = None
@@ -178,7 +178,9 @@ class GroupCommitter:
     With synchronous=FULL every SQLite commit waits for an fsync; threads of one web process that
     arrive while a commit is in progress queue up and share the next one. One thread owns one raw
     sqlite3 connection and runs BEGIN IMMEDIATE, every request's work, COMMIT: the hooks' hot
-    path, so no pool checkout or SQLAlchemy transaction per batch. Failure policy: fails closed.
+    path, so no pool checkout or SQLAlchemy transaction per batch. On PostgreSQL (the gevent web
+    processes) the same, on a pooled psycopg connection per batch: a commit (and its WAL flush)
+    and a checkout per batch rather than per request. Failure policy: fails closed.
     If one request's work fails, the batch is rolled back and each request is run in a
     transaction of its own (only the failing one gets an error); if a commit fails, every request
     in it gets the error (nothing acknowledged), and the connection is replaced.
@@ -186,6 +188,7 @@ class GroupCommitter:
 
     def __init__(self, engine: Engine, lock: WriteLock, max_batch: int = 64) -> None:
         self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
         self._lock = lock
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
@@ -196,7 +199,7 @@ class GroupCommitter:
         self.batches = 0  # commits so far, and the requests they held (tests and benchmarks read them)
         self.committed = 0
 
-    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def run(self, work: Callable[[Any], T]) -> T:
         """Run `work` on the shared connection in the next commit; return its result after the commit."""
         if self._thread is None or self._pid != os.getpid():  # first use in this process
             self._start_thread()
@@ -236,6 +239,18 @@ class GroupCommitter:
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
+            if self._postgres:
+                # a connection from the pool for each batch: one idle since the last batch is pinged
+                # before use (`_ping_idle_connections`), so a database restart costs no request after it
+                proxy = self._engine.raw_connection()
+                try:
+                    self._commit(proxy.driver_connection, batch)
+                except BaseException:
+                    proxy.invalidate()  # a connection a commit failed on is not trusted again
+                    raise
+                finally:
+                    proxy.close()
+                return
             if self._proxy is None:
                 self._proxy = self._engine.raw_connection()  # pragmas applied by the engine's connect hook
             self._commit(self._proxy.driver_connection, batch)
@@ -248,7 +263,7 @@ class GroupCommitter:
                     self._proxy.invalidate()  # a connection a commit failed on is not trusted again
                 self._proxy = None
 
-    def _commit(self, driver: sqlite3.Connection, batch: list[_Pending]) -> None:
+    def _commit(self, driver: Any, batch: list[_Pending]) -> None:
         with self._lock.held():
             try:
                 self._transaction(driver, batch)
@@ -266,21 +281,31 @@ class GroupCommitter:
         self.batches += 1
         self.committed += len(batch)
 
-    @staticmethod
-    def _transaction(driver: sqlite3.Connection, batch: list[_Pending]) -> None:
+    def _transaction(self, driver: Any, batch: list[_Pending]) -> None:
+        if self._postgres:  # psycopg begins a transaction with the first statement
+            self._run_work(driver, batch, driver.commit, driver.rollback)
+            return
         driver.execute("BEGIN IMMEDIATE")
+        self._run_work(
+            driver,
+            batch,
+            lambda: driver.execute("COMMIT"),
+            lambda: driver.execute("ROLLBACK") if driver.in_transaction else None,
+        )
+
+    @staticmethod
+    def _run_work(driver: Any, batch: list[_Pending], commit: Callable[[], Any], rollback: Callable[[], Any]) -> None:
         try:
             for pending in batch:
                 try:
                     pending.result = pending.work(driver)
                 except Exception as error:
                     raise _WorkFailed(error) from error
-            driver.execute("COMMIT")
+            commit()
             for pending in batch:
                 pending.committed = True
         except BaseException:
-            if driver.in_transaction:
-                driver.execute("ROLLBACK")
+            rollback()
             raise
 
 
@@ -302,7 +327,7 @@ class GeventGroupCommitter(GroupCommitter):
         self._greenlet: Any = None
         self._parked: Any = None  # the committer's Waiter while it has nothing to commit
 
-    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def run(self, work: Callable[[Any], T]) -> T:
         """Run `work` on the shared connection in the next commit; return its result after the commit."""
         if self._greenlet is None:
             self._greenlet = self._gevent.spawn(self._commit_loop)
@@ -370,26 +395,35 @@ class Database:
         database_file = make_url(url).database if self.is_sqlite else None
         on_disk = database_file not in (None, "", ":memory:")
         self._write_lock = WriteLock(f"{database_file}.write-lock" if on_disk else None)
-        use_group_commit = self.is_sqlite if group_commit is None else group_commit
-        committer_type = GeventGroupCommitter if _under_gevent() else GroupCommitter
+        # PostgreSQL commits are grouped in the gevent web processes, where many requests of one
+        # process wait at once; threads elsewhere (the worker) run their own transactions.
+        gevent = _under_gevent()
+        use_group_commit = (self.is_sqlite or gevent) if group_commit is None else group_commit
+        committer_type = GeventGroupCommitter if gevent else GroupCommitter
         self._committer = committer_type(self.write_engine, self._write_lock) if use_group_commit else None
 
     def transact(
-        self, work: Callable[[Connection], T], on_sqlite: Callable[[sqlite3.Connection], T] | None = None
+        self,
+        work: Callable[[Connection], T],
+        on_sqlite: Callable[[sqlite3.Connection], T] | None = None,
+        on_postgres: Callable[[Any], T] | None = None,
     ) -> T:
         """Run `work` (Core statements) in a write transaction; return its result once committed.
 
-        On SQLite the hooks pass `on_sqlite` too: the same writes on the raw driver connection,
-        group-committed with other requests' (`work` runs where there is no group committer).
+        The hooks pass the same writes for the driver's own connection too (`on_sqlite`, a sqlite3
+        connection; `on_postgres`, a psycopg one): those are group-committed with other requests'
+        where there is a group committer, and `work` runs where there is none.
         """
-        if self._committer is not None and on_sqlite is not None:
-            return self._committer.run(on_sqlite)
+        if self._committer is not None:
+            raw = on_sqlite if self.is_sqlite else on_postgres
+            if raw is not None:
+                return self._committer.run(raw)
         with self._write_lock.held(), self.write_engine.begin() as connection:
             return work(connection)
 
     @property
     def committer(self) -> GroupCommitter | None:
-        """The SQLite group committer (None on PostgreSQL or when disabled)."""
+        """The group committer (SQLite; PostgreSQL under gevent), or None."""
         return self._committer
 
     @contextmanager

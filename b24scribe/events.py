@@ -192,6 +192,37 @@ _SQLITE_APPLY_JOB = (
 _SQLITE_EXISTING = "SELECT id, state, error FROM inbound_event WHERE source = ? AND provider = ? AND dedupe_key = ?"
 
 
+# The same on PostgreSQL (the gevent web's group committer's psycopg connection): both inserts in
+# one statement, so an event costs one round trip; the job is inserted only for a new, accepted event.
+_POSTGRES_STORE = (
+    "WITH event AS ("
+    "INSERT INTO inbound_event (source, provider, dedupe_key, received_at, content_type, query, body, state, error)"
+    " VALUES (%s, %s, %s, %s, %s, %s::json, %s, %s, %s::json)"
+    " ON CONFLICT (source, provider, dedupe_key) DO NOTHING RETURNING id"
+    "), apply AS ("
+    "INSERT INTO job (kind, event_id, state, attempts, ambiguous, next_attempt_at, created_at, updated_at)"
+    " SELECT 'apply', id, 'pending', 0, false, %s, %s, %s FROM event WHERE %s"
+    ") SELECT id FROM event"
+)
+_POSTGRES_EXISTING = (
+    "SELECT id, state, error FROM inbound_event WHERE source = %s AND provider = %s AND dedupe_key = %s"
+)
+
+
+def _store_postgres(driver: Any, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None) -> Outcome:
+    now = time.time()
+    query = json.dumps(raw.query) if raw.query else "{}"
+    # json.dumps(None) is JSON null, as SQLAlchemy's JSON type stores None (the Core path, `_store_core`)
+    values = (raw.source, raw.provider, key, now, raw.content_type, query, raw.body, state, json.dumps(error))
+    inserted = driver.execute(_POSTGRES_STORE, (*values, now, now, now, state == "accepted")).fetchone()
+    if inserted is None:  # the dedupe key is taken: a duplicate
+        event_id, stored_state, stored_error = driver.execute(
+            _POSTGRES_EXISTING, (raw.source, raw.provider, key)
+        ).fetchone()
+        return Outcome(int(event_id), True, stored_error if stored_state == "rejected" else None)
+    return Outcome(int(inserted[0]), False, error)
+
+
 def _store_sqlite(
     driver: sqlite3.Connection, raw: RawEvent, key: str, state: str, error: dict[str, Any] | None
 ) -> Outcome:
@@ -251,6 +282,7 @@ def _store(db: Database, raw: RawEvent, key: str, state: str, error: dict[str, A
     return db.transact(
         functools.partial(_store_core, raw=raw, key=key, state=state, error=error),
         on_sqlite=functools.partial(_store_sqlite, raw=raw, key=key, state=state, error=error),
+        on_postgres=functools.partial(_store_postgres, raw=raw, key=key, state=state, error=error),
     )
 
 

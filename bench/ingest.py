@@ -55,7 +55,6 @@ from bench.common import (
     count_rows,
     cpu_seconds,
     database,
-    fresh_database,
     generic_transcript,
     install_signal_handlers,
     main_for,
@@ -275,9 +274,13 @@ def fsync_commit_rate(space: Workspace, seconds: float = 2.0) -> float:
         return commits / (time.perf_counter() - started)
 
 
-def profile_app(kind: str, space: Workspace, body_file: Path) -> list[str]:
+def profile_app(kind: str, space: Workspace, body_file: Path, backend: str = "sqlite") -> list[str]:
     """py-spy on both gunicorn workers of the app under the same wrk load: threads, then the GIL."""
-    url = fresh_database(space, f"profile-{kind}")
+    with database(space, backend, f"profile-{kind}-{backend}") as url:
+        return _profile_web(kind, space, body_file, url)
+
+
+def _profile_web(kind: str, space: Workspace, body_file: Path, url: str) -> list[str]:
     web = start_web(space, service_env(space.path, url), name=f"web-profile-{kind}")
     lines: list[str] = []
     result: dict[str, WrkRun] = {}
@@ -354,8 +357,10 @@ def run(
             sqlite_runs = app.get(("sqlite", "procfile")) or app.get(("sqlite", "web")) or []
             missed = kind == "pbx" and bool(sqlite_runs) and _ratio(bare, sqlite_runs) < TARGET_PBX
             if profile or (profile is None and missed):
-                NOTES.append(f"ingest {kind}: py-spy profile of the app's gunicorn workers under wrk load (web only)")
-                NOTES.extend("  " + line for line in profile_app(kind, space, body_file))
+                for backend in chosen if profile else ("sqlite",):
+                    what = "py-spy profile of the app's gunicorn workers under wrk load (web only)"
+                    NOTES.append(f"ingest {kind}, {backend}: {what}")
+                    NOTES.extend("  " + line for line in profile_app(kind, space, body_file, backend))
     return rows
 
 

@@ -4,6 +4,7 @@ only once its own rows are durable, and one request's failure costs no other req
 from __future__ import annotations
 
 import sqlite3
+import string
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from b24scribe import db as db_module
 from b24scribe.db import Database, GroupCommitter
@@ -204,7 +205,7 @@ def test_without_the_sqlite_work_a_transaction_runs_on_a_plain_connection(sqlite
     assert committer_of(sqlite_db).committed == 0
 
 
-GEVENT_SCRIPT = """
+GEVENT_SCRIPT = string.Template("""
 from gevent import monkey; monkey.patch_all()
 import json, sys, gevent
 from b24scribe.db import Database
@@ -212,14 +213,17 @@ from b24scribe.db import Database
 database = Database(sys.argv[1])
 database.write_engine.dispose()
 with database.write_engine.begin() as connection:
-    connection.exec_driver_sql("CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+    connection.exec_driver_sql("CREATE TABLE note (id $key PRIMARY KEY, body TEXT NOT NULL)")
+
+def insert(driver, table, n):
+    return driver.execute(
+        f"INSERT INTO {table} (body) VALUES ($mark) RETURNING id", (f"greenlet-{n}",)).fetchone()[0]
 
 def request(n):
     for _ in range(n % 8):  # requests become ready over several turns of the loop, as from sockets
         gevent.sleep(0)
     table = "no_such_table" if n == 77 else "note"  # one request's own statement fails
-    return database.transact(lambda _c: 0, on_sqlite=lambda d: d.execute(
-        f"INSERT INTO {table} (body) VALUES (?)", (f"greenlet-{n}",)).lastrowid)
+    return database.transact(lambda _c: 0, $driver=lambda d: insert(d, table, n))
 
 greenlets = [gevent.spawn(request, n) for n in range(200)]
 gevent.joinall(greenlets)
@@ -228,27 +232,39 @@ errors = {n: type(g.exception).__name__ for n, g in enumerate(greenlets) if not 
 committer = database.committer
 print(json.dumps({"ids": ids, "errors": errors, "type": type(committer).__name__,
                   "batches": committer.batches, "committed": committer.committed}))
-"""
+""")
 
 
-def test_under_gevent_a_batch_takes_every_request_already_in_the_process(tmp_path: Path) -> None:
-    # gunicorn's gevent worker: greenlets wait for the commit, and the committer waits for the
-    # loop to go idle, so 200 requests that become ready over 8 loop turns share a few commits (8 without);
-    # the one whose statement fails gets the error, and its batch's other requests are still committed
+def run_gevent_script(database_url: str) -> dict[str, Any]:
+    """GEVENT_SCRIPT in a process of its own (gevent patches the whole process); what it printed."""
     import json
     import subprocess
     import sys
 
-    path = tmp_path / "gevent.sqlite3"
+    sqlite = database_url.startswith("sqlite")
+    script = GEVENT_SCRIPT.substitute(
+        key="INTEGER" if sqlite else "SERIAL",
+        mark="?" if sqlite else "%s",
+        driver="on_sqlite" if sqlite else "on_postgres",
+    )
     answer = subprocess.run(
-        [sys.executable, "-c", GEVENT_SCRIPT, f"sqlite:///{path}"],
+        [sys.executable, "-c", script, database_url],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    result = json.loads(answer.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(answer.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_under_gevent_a_batch_takes_every_request_already_in_the_process(tmp_path: Path) -> None:
+    # gunicorn's gevent worker: greenlets wait for the commit, and the committer waits for the
+    # loop to go idle, so 200 requests that become ready over 8 loop turns share a few commits (8 without);
+    # the one whose statement fails gets the error, and its batch's other requests are still committed
+    path = tmp_path / "gevent.sqlite3"
+    result = run_gevent_script(f"sqlite:///{path}")
     with sqlite3.connect(path) as reader:
         rows = dict(reader.execute("SELECT body, id FROM note"))
     assert result["type"] == "GeventGroupCommitter"
@@ -261,7 +277,7 @@ def test_under_gevent_a_batch_takes_every_request_already_in_the_process(tmp_pat
 WAITING_GREENLET_SCRIPT = """
 from gevent import monkey; monkey.patch_all()
 import json, sys, time, gevent
-from sqlalchemy import text
+from sqlalchemy import select, text
 from b24scribe.db import Database
 
 database = Database(sys.argv[1])
@@ -416,3 +432,100 @@ def test_a_postgresql_connection_killed_while_idle_is_replaced_before_use(
     with database.write() as session:
         after = session.execute(text("SELECT pg_backend_pid()")).scalar()
     assert len(pinged) == 1 and after != before
+
+
+def test_grouped_hook_writes_store_what_a_plain_transaction_stores(db: Database) -> None:
+    """The hooks' group-committed path (raw driver statements) and the plain Core path leave the
+    same rows: the event, its apply job, the same answer for a duplicate and for a rejected event."""
+    from b24scribe.events import RawEvent, store_event, store_rejected
+    from b24scribe.models import InboundEvent, Job
+
+    grouped = Database(db.url, group_commit=True)
+    plain = Database(db.url, group_commit=False)
+    stored_ids: dict[str, list[int]] = {}
+    try:
+        for name, database in (("grouped", grouped), ("plain", plain)):
+            raw = RawEvent("pbx", "generic", f'{{"call": "{name}"}}'.encode(), {"event": "end"}, "application/json")
+            first = store_event(database, raw, f"key-{name}")
+            again = store_event(database, raw, f"key-{name}")
+            rejected = store_rejected(database, raw, {"code": "bad", "fields": {"x": ["no"]}}, f"bad-{name}")
+            replayed = store_rejected(database, raw, {"code": "bad", "fields": {"x": ["no"]}}, f"bad-{name}")
+            assert (first.duplicate, again.duplicate, again.event_id) == (False, True, first.event_id)
+            assert (rejected.duplicate, replayed.duplicate) == (False, True)
+            assert replayed.rejected_with == rejected.rejected_with == {"code": "bad", "fields": {"x": ["no"]}}
+            assert first.rejected_with is None and again.rejected_with is None
+            stored_ids[name] = [first.event_id, rejected.event_id]
+        with db.read() as session:
+
+            def shape(event_id: int) -> tuple[Any, ...]:
+                event = session.get_one(InboundEvent, event_id)
+                jobs = session.scalars(select(Job).where(Job.event_id == event_id)).all()
+                return (
+                    event.source,
+                    event.provider,
+                    event.content_type,
+                    event.query,
+                    event.state,
+                    event.error,
+                    event.call_id,
+                    [(job.kind, job.state, job.attempts, job.ambiguous, job.next_attempt_at > 0) for job in jobs],
+                )
+
+            for grouped_id, plain_id in zip(stored_ids["grouped"], stored_ids["plain"], strict=True):
+                assert shape(grouped_id) == shape(plain_id)
+            assert shape(stored_ids["grouped"][0])[-1] == [("apply", "pending", 0, False, True)]
+            assert shape(stored_ids["grouped"][1])[-1] == [], "a rejected event is not folded"
+        if not db.is_sqlite:
+            assert grouped.committer is not None and grouped.committer.committed == 4
+    finally:
+        grouped.dispose()
+        plain.dispose()
+
+
+def test_concurrent_hook_writes_share_commits_and_a_duplicate_in_the_same_batch_is_one_event(db: Database) -> None:
+    """Many requests at once (some the same delivery twice) share commits on either database; each
+    gets its event id after the commit, and a delivery sent twice is stored once."""
+    from b24scribe.events import RawEvent, store_event
+    from b24scribe.models import InboundEvent
+
+    grouped = Database(db.url, group_commit=True)
+    answers: dict[tuple[int, int], Any] = {}
+    try:
+
+        def request(index: int) -> None:
+            for n in range(10):
+                key = f"call-{index % 8}-{n}"  # threads i and i + 8 send the same deliveries
+                raw = RawEvent("pbx", "generic", key.encode(), {}, "application/json")
+                answers[index, n] = store_event(grouped, raw, key)
+
+        assert run_concurrently(16, request) == []
+        committer = grouped.committer
+        assert committer is not None
+        assert committer.committed == 160 and committer.batches < 160, "concurrent requests never shared a commit"
+    finally:
+        grouped.dispose()
+    with db.read() as session:
+        stored_events = dict(session.execute(select(InboundEvent.dedupe_key, InboundEvent.id)).all())
+    assert len(stored_events) == 80
+    for (index, n), outcome in answers.items():
+        assert outcome.event_id == stored_events[f"call-{index % 8}-{n}"]
+    assert sum(not outcome.duplicate for outcome in answers.values()) == 80
+
+
+def test_under_gevent_postgresql_hook_writes_share_commits(database_url: str) -> None:
+    """The gevent web on PostgreSQL: 200 requests ready within a few loop turns share a few commits;
+    the one whose statement fails gets its error and costs no other request its commit."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL only (SQLite: test_under_gevent_a_batch_takes_every_request_already_in_the_process)")
+    result = run_gevent_script(database_url)
+    database = Database(database_url)
+    try:
+        with database.read() as session:
+            rows = dict(session.execute(text("SELECT body, id FROM note")).all())
+    finally:
+        database.dispose()
+    assert result["type"] == "GeventGroupCommitter"
+    assert result["errors"] == {"77": "UndefinedTable"}
+    assert sorted(result["ids"]) == sorted(rows.values()) and len(rows) == 199
+    assert result["committed"] == 200
+    assert result["batches"] <= 8, f"{result['batches']} commits for 200 requests ready within a few loop turns"
