@@ -94,6 +94,12 @@ def on_starting(server: Any) -> None:
     server.log.info(f"prometheus multiprocess directory {path} ({removed} stale files removed)")
 
 
+def when_ready(server: Any) -> None:
+    """Say where the web listens: with `reuse_port` each web process binds the address itself, so
+    gunicorn's own "Listening at:" line names no address."""
+    server.log.info(f"b24scribe web listening on {', '.join(server.cfg.bind)} ({server.cfg.workers} processes)")
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """A web process ended: drop its live gauges from the merged metrics."""
     from b24scribe import metrics

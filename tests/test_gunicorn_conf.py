@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 
 import pytest
 from flask import Flask
@@ -35,3 +36,15 @@ def test_what_gunicorn_reads_before_the_app_is_bounded() -> None:
     assert len("/hooks/stt/generic?" + "&".join(f"f{n}=1" for n in range(200))) < config.limit_request_line
     assert (config.limit_request_fields, config.limit_request_field_size) == (100, 8190)
     assert config.keepalive <= 5  # the gevent worker also reads a request's headers within it
+
+
+def test_the_web_says_where_it_listens_when_ready() -> None:
+    """gunicorn's "Listening at:" names no address when each process binds its own (reuse_port)."""
+    config = load_gunicorn_config()
+    said: list[str] = []
+    server = SimpleNamespace(
+        cfg=SimpleNamespace(bind=["0.0.0.0:8000"], workers=2), log=SimpleNamespace(info=said.append)
+    )
+    config.when_ready(server)
+    assert said == ["b24scribe web listening on 0.0.0.0:8000 (2 processes)"]
+    assert config.reuse_port is True
