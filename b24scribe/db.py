@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -240,20 +240,11 @@ class GroupCommitter:
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
             if self._postgres:
-                # a connection from the pool for each batch: one idle since the last batch is pinged
-                # before use (`_ping_idle_connections`), so a database restart costs no request after it
-                proxy = self._engine.raw_connection()
-                try:
-                    self._commit(proxy.driver_connection, batch)
-                except BaseException:
-                    proxy.invalidate()  # a connection a commit failed on is not trusted again
-                    raise
-                finally:
-                    proxy.close()
-                return
-            if self._proxy is None:
-                self._proxy = self._engine.raw_connection()  # pragmas applied by the engine's connect hook
-            self._commit(self._proxy.driver_connection, batch)
+                self._commit_pooled(batch)
+            else:
+                if self._proxy is None:
+                    self._proxy = self._engine.raw_connection()  # pragmas applied by the engine's connect hook
+                self._commit(self._proxy.driver_connection, batch)
         except BaseException as error:  # noqa: BLE001 - the batch's callers get it, never this thread
             for pending in batch:
                 if not pending.committed and pending.error is None:
@@ -262,6 +253,25 @@ class GroupCommitter:
                 with contextlib.suppress(Exception):
                     self._proxy.invalidate()  # a connection a commit failed on is not trusted again
                 self._proxy = None
+        if self._postgres:
+            # psycopg's errors reach the callers as SQLAlchemy's, as from any other transaction
+            # (so the hooks answer 503 for them without knowing the driver)
+            driver_error = self._engine.dialect.loaded_dbapi.Error
+            for pending in batch:
+                if isinstance(pending.error, driver_error):
+                    pending.error = DBAPIError.instance(None, None, pending.error, driver_error)
+
+    def _commit_pooled(self, batch: list[_Pending]) -> None:
+        """PostgreSQL: a connection from the pool for each batch; one idle since the last batch is
+        pinged before use (`_ping_idle_connections`), so a database restart costs no request after it."""
+        proxy = self._engine.raw_connection()
+        try:
+            self._commit(proxy.driver_connection, batch)
+        except BaseException:
+            proxy.invalidate()  # a connection a commit failed on is not trusted again
+            raise
+        finally:
+            proxy.close()
 
     def _commit(self, driver: Any, batch: list[_Pending]) -> None:
         with self._lock.held():

@@ -7,7 +7,6 @@ import math
 import sqlite3
 from typing import Any
 
-import psycopg
 import structlog
 from flask import Flask, Response
 from gunicorn.http.errors import NoMoreData, ParseException  # type: ignore[import-untyped]  # gunicorn ships no types
@@ -86,7 +85,7 @@ def answer_error(error: Exception, max_body_bytes: int | None) -> Response | Non
     """The answer to an error a view raised, or None for an unexpected one (a bug: 500)."""
     if isinstance(error, ApiError):
         return error_response(error.status, error.code, error.message, error.fields)
-    if isinstance(error, SQLAlchemyError | sqlite3.Error | psycopg.Error):  # the hot paths talk to the drivers
+    if isinstance(error, SQLAlchemyError | sqlite3.Error):  # the SQLite hot path talks to the driver directly
         # Fails closed: nothing was acknowledged, so the sender retries (contract §5).
         structlog.get_logger(__name__).error("storage failed", error=type(error).__name__)
         return error_response(
@@ -122,5 +121,5 @@ def register_error_handlers(app: Flask) -> None:
         assert response is not None  # registered only for the types answer_error knows
         return response
 
-    for error_type in (ApiError, SQLAlchemyError, sqlite3.Error, psycopg.Error, HTTPException, *BODY_ERRORS):
+    for error_type in (ApiError, SQLAlchemyError, sqlite3.Error, HTTPException, *BODY_ERRORS):
         app.register_error_handler(error_type, handle)

@@ -525,7 +525,29 @@ def test_under_gevent_postgresql_hook_writes_share_commits(database_url: str) ->
     finally:
         database.dispose()
     assert result["type"] == "GeventGroupCommitter"
-    assert result["errors"] == {"77": "UndefinedTable"}
+    assert result["errors"] == {"77": "ProgrammingError"}, "the driver's error, as SQLAlchemy's"
     assert sorted(result["ids"]) == sorted(rows.values()) and len(rows) == 199
     assert result["committed"] == 200
     assert result["batches"] <= 8, f"{result['batches']} commits for 200 requests ready within a few loop turns"
+
+
+def test_a_grouped_postgresql_write_that_fails_is_answered_503_like_any_storage_failure(
+    postgres_db: tuple[Database, str],
+) -> None:
+    """The group committer talks to psycopg directly; its errors reach the hook as SQLAlchemy's,
+    which the hooks answer with 503 (nothing stored, the sender retries)."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from handlers.errors import answer_error
+
+    database, _ = postgres_db
+    grouped = Database(database.url, group_commit=True)
+    try:
+        with pytest.raises(ProgrammingError) as raised:
+            grouped.transact(lambda _c: 0, on_postgres=lambda d: d.execute("SELECT * FROM no_such_table"))
+        assert grouped.transact(lambda _c: 0, on_postgres=lambda d: d.execute("SELECT 1").fetchone()[0]) == 1
+    finally:
+        grouped.dispose()
+    response = answer_error(raised.value, None)
+    assert response is not None and response.status_code == 503
+    assert response.json is not None and response.json["error"]["code"] == "storage_unavailable"
